@@ -1,0 +1,312 @@
+//! The response future of [`SseResilience`](crate::SseResilience).
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::{
+    body::ResilientBody,
+    layer::Shared,
+    registry::LiveEntry,
+    service::{STREAM_ID_HEADER, is_event_stream, plain_response},
+    store::{BoxFuture, OpenDecision, StoreError},
+    tracker::Tracker,
+};
+
+/// What the future knows of the stream a request is about.
+pub(crate) struct StreamRequest {
+    pub shared: Arc<Shared>,
+    pub id: Arc<str>,
+    pub claim: Arc<str>,
+    pub generated: bool,
+}
+
+pin_project! {
+    /// Response future of [`SseResilience`](crate::SseResilience).
+    pub struct ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        #[pin]
+        state: State<S, ReqBody, S::Future>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqBody, F> {
+        Deciding {
+            decision: BoxFuture<Result<OpenDecision, StoreError>>,
+            service: Option<S>,
+            request: Option<Request<ReqBody>>,
+            stream: Option<StreamRequest>,
+        },
+        Calling {
+            #[pin]
+            future: F,
+            stream: Option<StreamRequest>,
+            entry: Option<LiveEntry>,
+        },
+        Ready {
+            response: Option<Response<Bytes>>,
+        },
+    }
+}
+
+impl<S, ReqBody> ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    /// A future that answers at once with a response of the layer itself.
+    pub(crate) fn ready(response: Response<Bytes>) -> Self {
+        Self {
+            state: State::Ready {
+                response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) fn passthrough(future: S::Future) -> Self {
+        Self {
+            state: State::Calling {
+                future,
+                stream: None,
+                entry: None,
+            },
+        }
+    }
+
+    pub(crate) fn decide(
+        decision: BoxFuture<Result<OpenDecision, StoreError>>,
+        service: S,
+        request: Request<ReqBody>,
+        stream: StreamRequest,
+    ) -> Self {
+        Self {
+            state: State::Deciding {
+                decision,
+                service: Some(service),
+                request: Some(request),
+                stream: Some(stream),
+            },
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: fmt::Display,
+{
+    type Output = Result<Response<ResilientBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Deciding {
+                    decision,
+                    service,
+                    request,
+                    stream,
+                } => {
+                    let decision = ready!(decision.as_mut().poll(cx));
+                    let stream_request = stream.take().expect("polled after completion");
+                    let mut service = service.take().expect("polled after completion");
+                    let request = request.take().expect("polled after completion");
+
+                    let entry = match decision {
+                        Ok(OpenDecision::Claimed) => {
+                            tracing::debug!(stream_id = %stream_request.id, "stream claimed");
+                            Some(stream_request.shared.registry.enter(
+                                stream_request.id.clone(),
+                                stream_request.claim.clone(),
+                            ))
+                        }
+                        Ok(other) => {
+                            let response = answer_from_store(other, &stream_request);
+                            this.state.set(State::Ready {
+                                response: Some(response),
+                            });
+                            continue;
+                        }
+                        Err(error) => {
+                            // Fail open: the stream runs without resilience rather than not at all.
+                            tracing::warn!(
+                                stream_id = %stream_request.id,
+                                %error,
+                                "redis unavailable; serving the stream without tracking"
+                            );
+                            None
+                        }
+                    };
+                    let future = service.call(request);
+                    this.state.set(State::Calling {
+                        future,
+                        stream: Some(stream_request),
+                        entry,
+                    });
+                }
+                StateProj::Calling {
+                    future,
+                    stream,
+                    entry,
+                } => {
+                    let result = ready!(future.poll(cx));
+                    let stream = stream.take();
+                    let entry = entry.take();
+                    return Poll::Ready(match result {
+                        Ok(response) => Ok(wrap_response(response, stream, entry)),
+                        Err(error) => {
+                            if let (Some(stream), Some(entry)) = (stream, entry) {
+                                release(&stream, entry);
+                            }
+                            Err(error)
+                        }
+                    });
+                }
+                StateProj::Ready { response } => {
+                    let response = response.take().expect("polled after completion");
+                    return Poll::Ready(Ok(response.map(ResilientBody::full)));
+                }
+            }
+        }
+    }
+}
+
+impl<S, ReqBody> fmt::Debug for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+/// Builds the layer's own answer for a stream that is not claimed.
+fn answer_from_store(decision: OpenDecision, stream: &StreamRequest) -> Response<Bytes> {
+    let id = &stream.id;
+    match decision {
+        OpenDecision::Replay(event) => {
+            tracing::info!(stream_id = %id, "replaying the terminal event of a finished stream");
+            let mut response = Response::new(event);
+            set_event_stream_headers(response.headers_mut());
+            set_stream_id(&mut response, id);
+            response
+        }
+        OpenDecision::Gone => {
+            tracing::debug!(stream_id = %id, "client already has the terminal event");
+            let mut response = Response::new(Bytes::new());
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response
+        }
+        OpenDecision::NotFound => {
+            tracing::info!(stream_id = %id, "stream belongs to another owner");
+            plain_response(StatusCode::NOT_FOUND, "stream not found")
+        }
+        OpenDecision::Live => {
+            tracing::info!(stream_id = %id, "stream is live on another connection");
+            plain_response(
+                StatusCode::CONFLICT,
+                &format!("stream {id} is live on another connection; retry after it ends"),
+            )
+        }
+        OpenDecision::Claimed => unreachable!("claimed streams call the inner service"),
+    }
+}
+
+fn wrap_response<B>(
+    response: Response<B>,
+    stream: Option<StreamRequest>,
+    entry: Option<LiveEntry>,
+) -> Response<ResilientBody<B>>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: fmt::Display,
+{
+    let Some(stream) = stream else {
+        return response.map(ResilientBody::passthrough);
+    };
+    if !is_event_stream(response.headers()) {
+        if let Some(entry) = entry {
+            release(&stream, entry);
+        }
+        return response.map(ResilientBody::passthrough);
+    }
+
+    let (mut parts, body) = response.into_parts();
+    set_event_stream_headers_if_missing(&mut parts.headers);
+    if stream.generated {
+        if let Ok(value) = HeaderValue::from_str(&stream.id) {
+            parts.headers.insert(HeaderName::from_static(STREAM_ID_HEADER), value);
+        }
+    }
+    let Some(entry) = entry else {
+        return Response::from_parts(parts, ResilientBody::passthrough(body));
+    };
+
+    let config = &stream.shared.config;
+    let heartbeat = config
+        .heartbeat_interval
+        .map(|interval| (interval, config.heartbeat_frame.clone()));
+    let body = ResilientBody::tracked(
+        body,
+        Tracker::new(stream.shared.clone(), entry),
+        heartbeat,
+        config.max_stream_lifetime,
+        config.drain_timeout,
+    );
+    Response::from_parts(parts, body)
+}
+
+/// Gives up a claim whose response is not an event stream.
+fn release(stream: &StreamRequest, entry: LiveEntry) {
+    let store = stream.shared.store.clone();
+    let id = stream.id.clone();
+    let claim = stream.claim.clone();
+    tracing::debug!(stream_id = %id, "response is not an event stream; releasing the claim");
+    tokio::spawn(async move {
+        match store.release(id.clone(), claim).await {
+            Ok(_) => entry.finish(true),
+            Err(error) => {
+                tracing::warn!(stream_id = %id, %error, "releasing the claim failed; it expires with its TTL");
+                entry.finish(false);
+            }
+        }
+    });
+}
+
+fn set_stream_id<B>(response: &mut Response<B>, id: &str) {
+    if let Ok(value) = HeaderValue::from_str(id) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(STREAM_ID_HEADER), value);
+    }
+}
+
+fn set_event_stream_headers(headers: &mut http::HeaderMap) {
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    set_event_stream_headers_if_missing(headers);
+}
+
+/// Sets the headers that keep proxies from caching or buffering a stream,
+/// unless the inner service set them.
+fn set_event_stream_headers_if_missing(headers: &mut http::HeaderMap) {
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-cache"));
+    headers
+        .entry(HeaderName::from_static("x-accel-buffering"))
+        .or_insert(HeaderValue::from_static("no"));
+}

@@ -1,0 +1,249 @@
+//! The layer and its builder.
+
+use std::{
+    fmt,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use http::HeaderName;
+use redis::aio::ConnectionLike;
+use tower_layer::Layer;
+
+use crate::{
+    config::{Config, heartbeat_frame},
+    registry::Registry,
+    request::{OwnerSource, StreamIdSource},
+    service::SseResilience,
+    store::{Keys, RedisStore, Store},
+    terminal::TerminalRule,
+};
+
+/// A tower layer that makes `text/event-stream` responses resilient.
+///
+/// For every stream request it checks Redis once: a finished stream is
+/// answered from its stored terminal event without calling the inner service,
+/// a stream live elsewhere gets 409, and otherwise the stream is claimed and
+/// the inner service is called. The response body is then watched: heartbeats
+/// go out when it is idle, its terminal event is recorded, and a client that
+/// drops early does not lose the result. See the crate documentation for the
+/// whole picture and an example.
+///
+/// Every setting has a default; the builder methods document it.
+#[derive(Clone)]
+pub struct SseResilienceLayer {
+    config: Config,
+    store: Arc<dyn Store>,
+    connect: Arc<dyn Fn(&Config) -> Arc<dyn Store> + Send + Sync>,
+    shared: Arc<OnceLock<Arc<Shared>>>,
+}
+
+/// State shared by every service and body of one layer.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) registry: Arc<Registry>,
+}
+
+impl SseResilienceLayer {
+    /// Creates the layer on a Redis connection, usually a
+    /// [`redis::aio::ConnectionManager`].
+    ///
+    /// Any clonable [`ConnectionLike`] works: clones must share one
+    /// connection or pool, as `ConnectionManager` clones do.
+    pub fn new<C>(redis: C) -> Self
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        let connect = Arc::new(move |config: &Config| -> Arc<dyn Store> {
+            Arc::new(RedisStore::new(
+                redis.clone(),
+                Keys::new(config.key_prefix.clone()),
+                config.redis_timeout,
+            ))
+        });
+        let config = Config::default();
+        let store = connect(&config);
+        Self {
+            config,
+            store,
+            connect,
+            shared: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Sets the idle time after which a heartbeat comment is sent. Default: 15 s.
+    ///
+    /// A heartbeat goes out only at an event boundary, never inside an event.
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.config.heartbeat_interval = Some(interval);
+        self.changed()
+    }
+
+    /// Sets the text of the heartbeat comment. Default: `heartbeat`, sent as
+    /// `:heartbeat` and a blank line.
+    ///
+    /// # Panics
+    ///
+    /// Panics when `comment` contains CR or LF, which would end the comment line.
+    pub fn heartbeat_comment(mut self, comment: &str) -> Self {
+        assert!(
+            !comment.contains(['\r', '\n']),
+            "invalid heartbeat comment {comment:?}: it must not contain CR or LF"
+        );
+        self.config.heartbeat_frame = heartbeat_frame(comment);
+        self.changed()
+    }
+
+    /// Turns heartbeats off. They are on by default.
+    pub fn without_heartbeats(mut self) -> Self {
+        self.config.heartbeat_interval = None;
+        self.changed()
+    }
+
+    /// Sets the age of the last refresh after which a guardian may mark a live
+    /// stream orphaned. Default: 30 s. Live streams are refreshed every third
+    /// of it, and their hash expires after ten times it without a refresh.
+    ///
+    /// Use the same value for the [`StreamGuardian`](crate::StreamGuardian).
+    pub fn stale_threshold(mut self, threshold: Duration) -> Self {
+        self.config.stale_threshold = threshold;
+        self.changed()
+    }
+
+    /// Sets the maximum lifetime of a stream; a stream still open after it is
+    /// ended and recorded as failed with reason `max_lifetime_exceeded`.
+    /// Default: 1 hour.
+    pub fn max_stream_lifetime(mut self, lifetime: Duration) -> Self {
+        self.config.max_stream_lifetime = lifetime;
+        self.changed()
+    }
+
+    /// Sets how long a finished stream's terminal event is kept for replay.
+    /// Default: 5 minutes. After it the id may be used for a new stream.
+    pub fn completion_ttl(mut self, ttl: Duration) -> Self {
+        self.config.completion_ttl = ttl;
+        self.changed()
+    }
+
+    /// Sets how long the inner body is read after the client went away, so
+    /// that its terminal event is still recorded. Default: 5 minutes. Zero
+    /// stops at once and records the stream as failed with reason
+    /// `client_disconnected`; past the timeout the reason is `drain_timeout`.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self.changed()
+    }
+
+    /// Sets the rule that recognizes terminal events. Default:
+    /// [`TerminalRule::default`].
+    pub fn terminal_rule(mut self, rule: TerminalRule) -> Self {
+        self.config.terminal_rule = rule;
+        self.changed()
+    }
+
+    /// Sets where the stream id is read. Default: the query parameter `stream_id`.
+    pub fn stream_id_source(mut self, source: StreamIdSource) -> Self {
+        self.config.id_source = source;
+        self.changed()
+    }
+
+    /// Sets where the owner of a request is read. Default: no owner.
+    pub fn owner_source(mut self, source: OwnerSource) -> Self {
+        self.config.owner_source = source;
+        self.changed()
+    }
+
+    /// Reads the owner from the request header `name`; shorthand for
+    /// `owner_source(OwnerSource::Header(name))`.
+    pub fn owner_header(self, name: HeaderName) -> Self {
+        self.owner_source(OwnerSource::Header(name))
+    }
+
+    /// Sets the prefix of every Redis key the layer writes. Default: `sse:`.
+    ///
+    /// # Panics
+    ///
+    /// Panics when `prefix` contains `{` or `}`: the stream id must be the
+    /// only Redis Cluster hash tag in a key.
+    pub fn key_prefix(mut self, prefix: &str) -> Self {
+        assert!(
+            !prefix.contains(['{', '}']),
+            "invalid key prefix {prefix:?}: it must not contain braces"
+        );
+        self.config.key_prefix = prefix.into();
+        self.changed()
+    }
+
+    /// Sets the stream type stored in the registry. Default: `sse`.
+    pub fn stream_type(mut self, stream_type: &str) -> Self {
+        self.config.stream_type = stream_type.into();
+        self.changed()
+    }
+
+    /// Sets the id of this app instance stored with its streams. Default: the
+    /// process id and a random suffix.
+    pub fn instance_id(mut self, instance_id: &str) -> Self {
+        self.config.instance_id = instance_id.into();
+        self.changed()
+    }
+
+    /// Sets the time-out of one Redis call. Default: 2 s.
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.config.redis_timeout = timeout;
+        self.changed()
+    }
+
+    /// Sets how many bytes of one event are kept while looking for the
+    /// terminal event, and so the largest terminal event stored whole.
+    /// Default: 1 MiB. A larger terminal event is recorded truncated.
+    pub fn max_event_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_event_bytes = bytes;
+        self.changed()
+    }
+
+    /// Returns the number of streams of this layer that are live now.
+    pub fn live_streams(&self) -> usize {
+        self.shared.get().map_or(0, |shared| shared.registry.live_count())
+    }
+
+    /// Starts a fresh shared state, since the settings changed.
+    fn changed(mut self) -> Self {
+        self.store = (self.connect)(&self.config);
+        self.shared = Arc::new(OnceLock::new());
+        self
+    }
+
+    fn shared(&self) -> Arc<Shared> {
+        self.shared
+            .get_or_init(|| {
+                let registry = Arc::new(Registry::new(
+                    self.store.clone(),
+                    self.config.refresh_interval(),
+                    self.config.live_ttl(),
+                ));
+                Arc::new(Shared {
+                    config: self.config.clone(),
+                    store: self.store.clone(),
+                    registry,
+                })
+            })
+            .clone()
+    }
+}
+
+impl<S> Layer<S> for SseResilienceLayer {
+    type Service = SseResilience<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SseResilience::new(inner, self.shared())
+    }
+}
+
+impl fmt::Debug for SseResilienceLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SseResilienceLayer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,223 @@
+//! The process's live streams, refreshed in Redis in batches.
+//!
+//! Every live stream of a layer is entered here. One task per layer sends a
+//! single pipeline per tick that refreshes all of them, and flushes index
+//! additions and removals as they come, so no stream costs a round trip of its
+//! own after it was opened.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+
+use crate::store::{RefreshEntry, RefreshResult, Store, shard_of};
+
+/// The live streams of one layer.
+pub(crate) struct Registry {
+    store: Arc<dyn Store>,
+    refresh_interval: Duration,
+    live_ttl: Duration,
+    state: Mutex<State>,
+    wake: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct State {
+    live: HashMap<Arc<str>, Arc<str>>,
+    added: Vec<RefreshEntry>,
+    removed: Vec<RefreshEntry>,
+    refresher_running: bool,
+}
+
+/// A stream's entry in the registry; leaving it is explicit through
+/// [`LiveEntry::finish`], and dropping it without that keeps the index entry,
+/// so a guardian can still mark the stream.
+pub(crate) struct LiveEntry {
+    registry: Arc<Registry>,
+    id: Arc<str>,
+    claim: Arc<str>,
+    active: bool,
+}
+
+impl Registry {
+    pub(crate) fn new(store: Arc<dyn Store>, refresh_interval: Duration, live_ttl: Duration) -> Self {
+        Self {
+            store,
+            refresh_interval,
+            live_ttl,
+            state: Mutex::new(State::default()),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Enters a stream that was just claimed in Redis, and starts the refresh
+    /// task on the current runtime if it is not running.
+    pub(crate) fn enter(self: &Arc<Self>, id: Arc<str>, claim: Arc<str>) -> LiveEntry {
+        let start = {
+            let mut state = self.lock();
+            state.live.insert(id.clone(), claim.clone());
+            state.added.push(RefreshEntry {
+                shard: shard_of(&id),
+                id: id.clone(),
+                claim: claim.clone(),
+            });
+            !std::mem::replace(&mut state.refresher_running, true)
+        };
+        if start {
+            tokio::spawn(refresh_loop(Arc::downgrade(self), self.wake.clone()));
+        }
+        self.wake.notify_one();
+        LiveEntry {
+            registry: self.clone(),
+            id,
+            claim,
+            active: true,
+        }
+    }
+
+    /// Number of live streams of this layer.
+    pub(crate) fn live_count(&self) -> usize {
+        self.lock().live.len()
+    }
+
+    fn leave(&self, id: &Arc<str>, claim: &Arc<str>, remove_from_index: bool) {
+        let mut state = self.lock();
+        if state.live.get(id) == Some(claim) {
+            state.live.remove(id);
+        }
+        if remove_from_index {
+            state.removed.push(RefreshEntry {
+                shard: shard_of(id),
+                id: id.clone(),
+                claim: claim.clone(),
+            });
+            drop(state);
+            self.wake.notify_one();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sends one pipeline: refreshes of every live stream when `tick` is
+    /// true, and the pending index changes.
+    async fn flush(&self, tick: bool) {
+        let (live, added, removed) = {
+            let mut state = self.lock();
+            let live: Vec<RefreshEntry> = if tick {
+                state
+                    .live
+                    .iter()
+                    .map(|(id, claim)| RefreshEntry {
+                        shard: shard_of(id),
+                        id: id.clone(),
+                        claim: claim.clone(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (live, std::mem::take(&mut state.added), std::mem::take(&mut state.removed))
+        };
+        if live.is_empty() && added.is_empty() && removed.is_empty() {
+            return;
+        }
+
+        let count = live.len();
+        match self
+            .store
+            .refresh(live.clone(), added.clone(), removed.clone(), self.live_ttl)
+            .await
+        {
+            Ok(results) => {
+                for (entry, result) in live.iter().zip(results) {
+                    match result {
+                        RefreshResult::Refreshed => {}
+                        // TODO: re-register streams whose hash vanished (Redis restarted without persistence).
+                        RefreshResult::Missing => tracing::warn!(
+                            stream_id = %entry.id,
+                            "live stream is missing from redis; it will not be found by a returning client"
+                        ),
+                        RefreshResult::NotOurs => tracing::debug!(
+                            stream_id = %entry.id,
+                            "live stream was finished or orphaned in redis; refresh skipped"
+                        ),
+                    }
+                }
+                tracing::trace!(streams = count, "refreshed live streams");
+            }
+            Err(error) => {
+                tracing::warn!(%error, streams = count, "refreshing live streams failed; retrying next tick");
+                // Index changes are kept for the next attempt.
+                let mut state = self.lock();
+                state.added.extend(added);
+                state.removed.extend(removed);
+            }
+        }
+    }
+}
+
+impl LiveEntry {
+    pub(crate) fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    pub(crate) fn claim(&self) -> &Arc<str> {
+        &self.claim
+    }
+
+    /// Leaves the registry. `ended_in_redis` tells whether the stream's hash
+    /// no longer says `active` (recorded or released), in which case its
+    /// index entry is removed too.
+    pub(crate) fn finish(mut self, ended_in_redis: bool) {
+        self.active = false;
+        self.registry.leave(&self.id, &self.claim, ended_in_redis);
+    }
+}
+
+impl Drop for LiveEntry {
+    fn drop(&mut self) {
+        if self.active {
+            self.registry.leave(&self.id, &self.claim, false);
+        }
+    }
+}
+
+/// Clears the running flag when the refresh task ends, also when its runtime
+/// shuts down, so the next stream starts a new task.
+struct RunningFlag(Weak<Registry>);
+
+impl Drop for RunningFlag {
+    fn drop(&mut self) {
+        if let Some(registry) = self.0.upgrade() {
+            registry.lock().refresher_running = false;
+        }
+    }
+}
+
+async fn refresh_loop(registry: Weak<Registry>, wake: Arc<Notify>) {
+    let _flag = RunningFlag(registry.clone());
+    let Some(interval) = registry.upgrade().map(|r| r.refresh_interval) else {
+        return;
+    };
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    tracing::debug!(interval_ms = interval.as_millis() as u64, "registry refresh task started");
+
+    loop {
+        let tick = tokio::select! {
+            _ = ticker.tick() => true,
+            _ = wake.notified() => false,
+        };
+        let Some(registry) = registry.upgrade() else {
+            break;
+        };
+        registry.flush(tick).await;
+    }
+    tracing::debug!("registry refresh task stopped: the layer was dropped");
+}

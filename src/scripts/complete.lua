@@ -1,0 +1,31 @@
+-- Records the end of a stream held by the caller, at most once per claim.
+-- KEYS[1]  the stream's hash
+-- ARGV[1]  claim token of the caller
+-- ARGV[2]  final state: "completed" or "failed"
+-- ARGV[3]  terminal event bytes, as the client received them or as synthesized
+-- ARGV[4]  id of the terminal event ("" when it had none)
+-- ARGV[5]  reason ("" for a terminal event sent by the service)
+-- ARGV[6]  "1" when the terminal event bytes were truncated, else "0"
+-- ARGV[7]  now, milliseconds since the Unix epoch
+-- ARGV[8]  completion TTL, milliseconds
+-- Returns 1 when recorded, 0 when this claim already recorded an end, -1 when the
+-- hash is gone or belongs to another claim.
+
+local fields = redis.call('HMGET', KEYS[1], 'state', 'claim')
+local state, claim = fields[1], fields[2]
+if not state or claim ~= ARGV[1] then
+  return -1
+end
+if state == 'completed' or state == 'failed' then
+  return 0
+end
+-- An orphaned mark is replaced: the service's real ending is better than the guardian's guess.
+redis.call('HSET', KEYS[1],
+  'state', ARGV[2],
+  'terminal_event', ARGV[3],
+  'terminal_id', ARGV[4],
+  'reason', ARGV[5],
+  'truncated', ARGV[6],
+  'finished_at', ARGV[7])
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
+return 1

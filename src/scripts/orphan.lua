@@ -1,0 +1,28 @@
+-- Marks one stream orphaned when its last refresh is older than the stale threshold.
+-- Atomic per stream, so any number of guardians mark each orphan exactly once.
+-- KEYS[1]  the stream's hash
+-- ARGV[1]  cutoff: refreshes at or before this time (ms since the Unix epoch) are stale
+-- ARGV[2]  synthetic terminal event bytes
+-- ARGV[3]  id of the synthetic terminal event
+-- ARGV[4]  now, milliseconds since the Unix epoch
+-- ARGV[5]  completion TTL, milliseconds
+-- Returns 1 when marked, 0 when the stream is active and fresh, -1 when the hash is gone
+-- or the stream is not active (its index entry is dangling).
+
+local fields = redis.call('HMGET', KEYS[1], 'state', 'last_refresh')
+local state, last_refresh = fields[1], tonumber(fields[2])
+if not state or state ~= 'active' then
+  return -1
+end
+if last_refresh and last_refresh > tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1],
+  'state', 'orphaned',
+  'terminal_event', ARGV[2],
+  'terminal_id', ARGV[3],
+  'reason', 'orphaned',
+  'truncated', '0',
+  'finished_at', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1

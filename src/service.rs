@@ -1,0 +1,211 @@
+//! The service the layer wraps around an inner service.
+
+use std::{
+    fmt,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, header};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::{
+    body::ResilientBody,
+    future::{ResponseFuture, StreamRequest},
+    layer::Shared,
+    request::{
+        IdLookup, InvalidId, StreamMetadata, generate_stream_id, sanitize_owner, validate_stream_id,
+    },
+    store::OpenRequest,
+};
+
+/// Maximum length of a `Last-Event-ID` the layer compares; longer values are ignored.
+pub(crate) const MAX_LAST_EVENT_ID_LEN: usize = 1024;
+
+/// The name of the response header that carries a generated stream id.
+pub const STREAM_ID_HEADER: &str = "x-stream-id";
+
+/// Middleware that makes the event streams of the inner service resilient.
+/// Created by [`SseResilienceLayer`](crate::SseResilienceLayer).
+pub struct SseResilience<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> SseResilience<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+}
+
+impl<S: Clone> Clone for SseResilience<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for SseResilience<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SseResilience")
+            .field("inner", &self.inner)
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SseResilience<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: fmt::Display,
+{
+    type Response = Response<ResilientBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let config = &self.shared.config;
+        let (parts, body) = request.into_parts();
+
+        let (id, generated) = match config.id_source.lookup(&parts) {
+            IdLookup::NotApplicable => {
+                return ResponseFuture::passthrough(self.inner.call(Request::from_parts(parts, body)));
+            }
+            IdLookup::Missing => (generate_stream_id(), true),
+            IdLookup::Found(id) => match validate_stream_id(&id) {
+                Ok(()) => (id, false),
+                Err(error) => return ResponseFuture::ready(bad_request(&error)),
+            },
+        };
+
+        let owner = match config.owner_source.lookup(&parts).map(sanitize_owner) {
+            None => String::new(),
+            Some(Ok(owner)) => owner,
+            Some(Err(reason)) => {
+                tracing::warn!(stream_id = %id, reason, "request rejected: invalid owner");
+                return ResponseFuture::ready(plain_response(http::StatusCode::BAD_REQUEST, reason));
+            }
+        };
+
+        let metadata = match parts.extensions.get::<StreamMetadata>() {
+            Some(StreamMetadata(value)) => value.to_string(),
+            None => serde_json::json!({ "method": parts.method.as_str(), "path": parts.uri.path() }).to_string(),
+        };
+
+        let id: Arc<str> = id.into();
+        let claim: Arc<str> = generate_stream_id().into();
+        let decision = self.shared.store.open(OpenRequest {
+            id: id.clone(),
+            owner,
+            last_event_id: last_event_id(&parts.headers),
+            claim: claim.clone(),
+            instance: config.instance_id.clone(),
+            stream_type: config.stream_type.clone(),
+            metadata,
+            live_ttl: config.live_ttl(),
+        });
+
+        // The service that was made ready goes into the future; a clone takes its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+
+        ResponseFuture::decide(
+            decision,
+            inner,
+            Request::from_parts(parts, body),
+            StreamRequest {
+                shared: self.shared.clone(),
+                id,
+                claim,
+                generated,
+            },
+        )
+    }
+}
+
+/// Returns the request's `Last-Event-ID`, or "" when it is absent or not a
+/// value a browser could have stored (NUL, CR or LF, or too long).
+fn last_event_id(headers: &http::HeaderMap) -> String {
+    let Some(value) = headers.get("last-event-id") else {
+        return String::new();
+    };
+    let bytes = value.as_bytes();
+    if bytes.len() > MAX_LAST_EVENT_ID_LEN || bytes.iter().any(|b| matches!(b, b'\0' | b'\r' | b'\n')) {
+        return String::new();
+    }
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn bad_request(error: &InvalidId) -> Response<Bytes> {
+    plain_response(http::StatusCode::BAD_REQUEST, &error.to_string())
+}
+
+/// Builds a plain-text response of the layer itself.
+pub(crate) fn plain_response(status: http::StatusCode, text: &str) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from(format!("{text}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Returns true when a `Content-Type` is `text/event-stream`, compared
+/// without case and parameters.
+pub(crate) fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("text/event-stream")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        let mut map = http::HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn event_stream_mime_matching() {
+        for value in ["text/event-stream", "Text/Event-Stream", "text/event-stream; charset=utf-8", " text/event-stream ;x=1"] {
+            assert!(is_event_stream(&headers(&[("content-type", value)])), "{value}");
+        }
+        for value in ["text/plain", "application/json", "text/event-streams", ""] {
+            assert!(!is_event_stream(&headers(&[("content-type", value)])), "{value}");
+        }
+        assert!(!is_event_stream(&headers(&[])));
+    }
+
+    #[test]
+    fn last_event_id_hygiene() {
+        assert_eq!(last_event_id(&headers(&[("last-event-id", "42")])), "42");
+        assert_eq!(last_event_id(&headers(&[])), "");
+        let long = "x".repeat(MAX_LAST_EVENT_ID_LEN + 1);
+        assert_eq!(last_event_id(&headers(&[("last-event-id", &long)])), "");
+        let mut map = http::HeaderMap::new();
+        map.insert("last-event-id", HeaderValue::from_bytes(b"a\0b").unwrap());
+        assert_eq!(last_event_id(&map), "");
+    }
+}

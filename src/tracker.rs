@@ -1,0 +1,270 @@
+//! Per-stream tracking shared by the body wrapper and the drain task: scans
+//! the bytes, finds the terminal event and records the end of the stream.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body::Body;
+
+use crate::{
+    layer::Shared,
+    parser::EventStreamParser,
+    registry::LiveEntry,
+    store::{CompleteResult, Completion},
+    terminal::Outcome,
+};
+
+/// Id of the synthetic terminal events the layer and the guardian record.
+pub(crate) const SYNTHETIC_EVENT_ID: &str = "_end";
+
+/// Why the layer recorded a failure on a stream's behalf.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FailureReason {
+    BodyError,
+    NoTerminalEvent,
+    ClientDisconnected,
+    DrainTimeout,
+    MaxLifetimeExceeded,
+}
+
+impl FailureReason {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::BodyError => "body_error",
+            FailureReason::NoTerminalEvent => "no_terminal_event",
+            FailureReason::ClientDisconnected => "client_disconnected",
+            FailureReason::DrainTimeout => "drain_timeout",
+            FailureReason::MaxLifetimeExceeded => "max_lifetime_exceeded",
+        }
+    }
+}
+
+/// Scanning and recording state of one claimed stream.
+pub(crate) struct Tracker {
+    shared: Arc<Shared>,
+    entry: Option<LiveEntry>,
+    parser: EventStreamParser,
+}
+
+impl Tracker {
+    pub(crate) fn new(shared: Arc<Shared>, entry: LiveEntry) -> Self {
+        let parser = EventStreamParser::new(shared.config.max_event_bytes);
+        Self {
+            shared,
+            entry: Some(entry),
+            parser,
+        }
+    }
+
+    /// Returns true once the end of the stream was handed to the recorder.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.entry.is_none()
+    }
+
+    pub(crate) fn is_at_event_boundary(&self) -> bool {
+        self.parser.is_at_event_boundary()
+    }
+
+    /// Scans bytes the inner body sent and records the first terminal event.
+    pub(crate) fn observe(&mut self, bytes: &[u8]) {
+        let rule = &self.shared.config.terminal_rule;
+        let look_for_terminal = self.entry.is_some();
+        let mut terminal = None;
+        self.parser.feed(bytes, |event| {
+            if look_for_terminal && terminal.is_none() {
+                if let Some(outcome) = rule.classify(event) {
+                    terminal = Some((
+                        outcome,
+                        Bytes::copy_from_slice(event.raw()),
+                        event.id().map(str::to_owned),
+                        event.is_truncated(),
+                    ));
+                }
+            }
+        });
+
+        if let Some((outcome, event, event_id, truncated)) = terminal {
+            if truncated {
+                tracing::warn!(
+                    stream_id = %self.stream_id(),
+                    limit = self.shared.config.max_event_bytes,
+                    "terminal event is larger than the limit; its first bytes are recorded"
+                );
+            }
+            self.record(outcome, event, event_id, None, truncated);
+        }
+    }
+
+    /// Records a failure on the stream's behalf, unless its end is already recorded.
+    pub(crate) fn fail(&mut self, reason: FailureReason) {
+        if self.entry.is_none() {
+            return;
+        }
+        let event = synthetic_event("failed", reason.as_str(), self.stream_id());
+        self.record(
+            Outcome::Failed,
+            event,
+            Some(SYNTHETIC_EVENT_ID.to_owned()),
+            Some(reason.as_str()),
+            false,
+        );
+    }
+
+    fn stream_id(&self) -> &str {
+        self.entry.as_ref().map(|e| &**e.id()).unwrap_or_default()
+    }
+
+    fn record(
+        &mut self,
+        outcome: Outcome,
+        event: Bytes,
+        event_id: Option<String>,
+        reason: Option<&'static str>,
+        truncated: bool,
+    ) {
+        let Some(entry) = self.entry.take() else {
+            return;
+        };
+        let completion = Completion {
+            id: entry.id().clone(),
+            claim: entry.claim().clone(),
+            outcome,
+            event,
+            event_id,
+            reason,
+            truncated,
+            ttl: self.shared.config.completion_ttl,
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(write_completion(self.shared.clone(), completion, entry));
+            }
+            Err(_) => tracing::error!(
+                stream_id = %completion.id,
+                outcome = %completion.outcome,
+                "no tokio runtime to record the end of the stream; it is left to the guardian"
+            ),
+        }
+    }
+}
+
+/// Builds a synthetic terminal event: `event: <type>`, `id: _end`, and JSON
+/// data `{"type":<type>,"reason":<reason>,"stream_id":<id>}`.
+pub(crate) fn synthetic_event(event_type: &str, reason: &str, stream_id: &str) -> Bytes {
+    let data = serde_json::json!({
+        "type": event_type,
+        "reason": reason,
+        "stream_id": stream_id,
+    });
+    Bytes::from(format!(
+        "event: {event_type}\nid: {SYNTHETIC_EVENT_ID}\ndata: {data}\n\n"
+    ))
+}
+
+/// Attempts of one completion write before it is given up.
+const COMPLETION_ATTEMPTS: u32 = 8;
+/// Wait before the second attempt; it doubles after each failure.
+const COMPLETION_FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const COMPLETION_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Writes a completion, retrying transient errors, then leaves the registry.
+async fn write_completion(shared: Arc<Shared>, completion: Completion, entry: LiveEntry) {
+    let mut backoff = COMPLETION_FIRST_BACKOFF;
+    for attempt in 1..=COMPLETION_ATTEMPTS {
+        match shared.store.complete(completion.clone()).await {
+            Ok(CompleteResult::Recorded) => {
+                tracing::info!(
+                    stream_id = %completion.id,
+                    outcome = %completion.outcome,
+                    reason = completion.reason.unwrap_or(""),
+                    "stream finished"
+                );
+                entry.finish(true);
+                return;
+            }
+            Ok(CompleteResult::AlreadyRecorded) => {
+                tracing::debug!(stream_id = %completion.id, "end of stream was already recorded");
+                entry.finish(true);
+                return;
+            }
+            Ok(CompleteResult::NotOurs) => {
+                tracing::warn!(
+                    stream_id = %completion.id,
+                    outcome = %completion.outcome,
+                    "end of stream not recorded: the stream expired or was claimed again in redis"
+                );
+                entry.finish(false);
+                return;
+            }
+            Err(error) if attempt < COMPLETION_ATTEMPTS => {
+                tracing::warn!(
+                    stream_id = %completion.id,
+                    attempt,
+                    %error,
+                    "recording the end of the stream failed; retrying"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(COMPLETION_MAX_BACKOFF);
+            }
+            Err(error) => {
+                tracing::error!(
+                    stream_id = %completion.id,
+                    attempts = COMPLETION_ATTEMPTS,
+                    %error,
+                    "recording the end of the stream failed; it is left to the guardian"
+                );
+                entry.finish(false);
+                return;
+            }
+        }
+    }
+}
+
+/// Reads the rest of a body whose client went away, for at most `timeout`,
+/// so that its terminal event is still recorded.
+pub(crate) fn spawn_drain<B>(body: Pin<Box<B>>, tracker: Tracker, timeout: Duration)
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(drain(body, tracker, timeout));
+        }
+        Err(_) => {
+            let mut tracker = tracker;
+            tracker.fail(FailureReason::ClientDisconnected);
+        }
+    }
+}
+
+async fn drain<B>(mut body: Pin<Box<B>>, mut tracker: Tracker, timeout: Duration)
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+    let stream_id = tracker.stream_id().to_owned();
+    tracing::info!(stream_id = %stream_id, timeout_ms = timeout.as_millis() as u64, "client went away; draining the stream");
+
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !tracker.is_finished() {
+        let next = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx));
+        match tokio::time::timeout_at(deadline, next).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    tracker.observe(data);
+                }
+            }
+            Ok(Some(Err(error))) => {
+                tracing::warn!(stream_id = %stream_id, %error, "inner body failed while draining");
+                tracker.fail(FailureReason::BodyError);
+            }
+            Ok(None) => tracker.fail(FailureReason::NoTerminalEvent),
+            Err(_) => {
+                tracing::warn!(stream_id = %stream_id, "drain timed out before a terminal event");
+                tracker.fail(FailureReason::DrainTimeout);
+            }
+        }
+    }
+    tracing::debug!(stream_id = %stream_id, "drain finished");
+}
