@@ -1351,6 +1351,18 @@ mod tests {
     }
 
     #[test]
+    fn raw_crlf_depends_on_split() {
+        let input: &[u8] = b"data: a\r\n\r\ndata: b\n\n";
+        let whole = feed_chunks(&[input]);
+        let split = feed_chunks(&[&input[..10], &input[10..]]);
+
+        assert_eq!(whole[0].raw, b"data: a\r\n\r\n");
+        assert_eq!(split[0].raw, b"data: a\r\n\r");
+        assert_eq!(whole[1].raw, split[1].raw);
+        assert_eq!(whole[0].data, split[0].data);
+    }
+
+    #[test]
     fn raw_truncated_over_limit() {
         let input: &[u8] = b"data: 0123456789abcdef\n\n";
         let mut parser = EventStreamParser::new(16);
@@ -1685,6 +1697,31 @@ mod tests {
             .collect()
     }
 
+    /// Returns `event` as dispatched when the LF of its final CRLF is cut off into
+    /// the next chunk, or `None` when its raw bytes do not end with CRLF.
+    /// `split_event` decides the one case the whole-input event does not show:
+    /// whether the block without its LF still exceeds `max_event_bytes`.
+    fn without_final_lf(
+        event: &Dispatched,
+        max_event_bytes: usize,
+        split_event: &Dispatched,
+    ) -> Option<Dispatched> {
+        let mut expected = event.clone();
+        if !event.truncated {
+            if !event.raw.ends_with(b"\r\n") {
+                return None;
+            }
+            expected.raw.pop();
+        } else if !split_event.truncated {
+            // The block is exactly max_event_bytes long without its LF.
+            if !event.raw.ends_with(b"\r") {
+                return None;
+            }
+            expected.truncated = false;
+        }
+        Some(expected)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -1699,12 +1736,30 @@ mod tests {
 
             let mut split_parser = EventStreamParser::new(max_event_bytes);
             let mut split = Vec::new();
-            for chunk in split_input(&input, &cuts) {
-                split.extend(feed_chunk(&mut split_parser, chunk));
+            let mut lf_split_off = Vec::new();
+            let chunks = split_input(&input, &cuts);
+            for (index, chunk) in chunks.iter().enumerate() {
+                let events = feed_chunk(&mut split_parser, chunk);
+                let next_byte = chunks[index + 1..].iter().find_map(|next| next.first());
+                let lf_follows = chunk.ends_with(b"\r") && next_byte == Some(&b'\n');
+                for position in 0..events.len() {
+                    lf_split_off.push(lf_follows && position + 1 == events.len());
+                }
+                split.extend(events);
                 prop_assert!(split_parser.buffered_bytes() <= memory_bound(max_event_bytes));
             }
 
-            prop_assert_eq!(split, whole);
+            prop_assert_eq!(split.len(), whole.len());
+            for ((split_event, whole_event), lf_split_off) in split.iter().zip(&whole).zip(lf_split_off) {
+                if lf_split_off && split_event != whole_event {
+                    // When the chunk ended with the CR of this block's empty line,
+                    // the LF arrived in the next chunk and is not part of the block.
+                    let expected = without_final_lf(whole_event, max_event_bytes, split_event);
+                    prop_assert_eq!(Some(split_event), expected.as_ref());
+                } else {
+                    prop_assert_eq!(split_event, whole_event);
+                }
+            }
             prop_assert_eq!(split_parser.last_event_id(), whole_parser.last_event_id());
             prop_assert_eq!(split_parser.is_at_event_boundary(), whole_parser.is_at_event_boundary());
         }
