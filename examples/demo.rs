@@ -71,7 +71,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|e| format!("invalid REDIS_URL {redis_url:?}: {e}"))?;
     let redis = redis::aio::ConnectionManager::new(client)
         .await
-        .map_err(|e| format!("cannot connect to redis at {redis_url}: {e}; start redis-server or set REDIS_URL"))?;
+        .map_err(|e| {
+            format!(
+                "cannot connect to redis at {redis_url}: {e}; start redis-server or set REDIS_URL"
+            )
+        })?;
     tracing::info!(%redis_url, "connected to redis");
 
     let layer = SseResilienceLayer::new(redis.clone())
@@ -157,10 +161,10 @@ async fn generate(
                 .id(index.to_string())
                 .data(json!({ "type": "token", "index": index, "text": word }).to_string())
         } else if fail {
-            Event::default()
-                .event("failed")
-                .id(index.to_string())
-                .data(json!({ "type": "failed", "error": "generation failed on request (fail=1)" }).to_string())
+            Event::default().event("failed").id(index.to_string()).data(
+                json!({ "type": "failed", "error": "generation failed on request (fail=1)" })
+                    .to_string(),
+            )
         } else {
             Event::default()
                 .event("completed")

@@ -145,7 +145,9 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Passthrough { body } => body.size_hint(),
-            Kind::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             // Heartbeats add bytes the inner body cannot know of.
             Kind::Tracked { .. } => SizeHint::default(),
         }
@@ -159,7 +161,9 @@ impl<B> fmt::Debug for ResilientBody<B> {
             Kind::Full { .. } => "full",
             Kind::Tracked { .. } => "tracked",
         };
-        f.debug_struct("ResilientBody").field("kind", &kind).finish()
+        f.debug_struct("ResilientBody")
+            .field("kind", &kind)
+            .finish()
     }
 }
 
@@ -193,7 +197,10 @@ where
                 return Poll::Ready(None);
             }
 
-            let at_boundary = self.tracker.as_ref().is_some_and(Tracker::is_at_event_boundary);
+            let at_boundary = self
+                .tracker
+                .as_ref()
+                .is_some_and(Tracker::is_at_event_boundary);
             let mut deadline = self.lifetime_deadline;
             if let Some((interval, frame)) = &self.heartbeat {
                 let due = self.last_activity + *interval;
@@ -220,7 +227,7 @@ where
     }
 
     fn on_frame(&mut self, frame: Frame<Bytes>) -> Frame<Bytes> {
-        let frame = match frame.into_data() {
+        match frame.into_data() {
             Ok(mut data) => {
                 if data.is_empty() {
                     return Frame::data(data);
@@ -238,8 +245,7 @@ where
                 Frame::data(data)
             }
             Err(other) => other,
-        };
-        frame
+        }
     }
 
     /// Ends the stream: records `failure` unless a terminal event was already

@@ -129,10 +129,12 @@ where
                     let entry = match decision {
                         Ok(OpenDecision::Claimed) => {
                             tracing::debug!(stream_id = %stream_request.id, "stream claimed");
-                            Some(stream_request.shared.registry.enter(
-                                stream_request.id.clone(),
-                                stream_request.claim.clone(),
-                            ))
+                            Some(
+                                stream_request
+                                    .shared
+                                    .registry
+                                    .enter(stream_request.id.clone(), stream_request.claim.clone()),
+                            )
                         }
                         Ok(other) => {
                             let response = answer_from_store(other, &stream_request);
@@ -247,10 +249,12 @@ where
 
     let (mut parts, body) = response.into_parts();
     set_event_stream_headers_if_missing(&mut parts.headers);
-    if stream.generated {
-        if let Ok(value) = HeaderValue::from_str(&stream.id) {
-            parts.headers.insert(HeaderName::from_static(STREAM_ID_HEADER), value);
-        }
+    if stream.generated
+        && let Ok(value) = HeaderValue::from_str(&stream.id)
+    {
+        parts
+            .headers
+            .insert(HeaderName::from_static(STREAM_ID_HEADER), value);
     }
     let Some(entry) = entry else {
         return Response::from_parts(parts, ResilientBody::passthrough(body));
@@ -296,7 +300,10 @@ fn set_stream_id<B>(response: &mut Response<B>, id: &str) {
 }
 
 fn set_event_stream_headers(headers: &mut http::HeaderMap) {
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     set_event_stream_headers_if_missing(headers);
 }
 

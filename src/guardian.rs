@@ -7,7 +7,9 @@ use redis::aio::ConnectionLike;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{DEFAULT_COMPLETION_TTL, DEFAULT_KEY_PREFIX, DEFAULT_REDIS_TIMEOUT, DEFAULT_STALE_THRESHOLD},
+    config::{
+        DEFAULT_COMPLETION_TTL, DEFAULT_KEY_PREFIX, DEFAULT_REDIS_TIMEOUT, DEFAULT_STALE_THRESHOLD,
+    },
     store::{BoxFuture, Keys, OrphanResult, RedisStore, StaleCandidate, StoreError, now_ms},
     tracker::{SYNTHETIC_EVENT_ID, synthetic_event},
 };
@@ -45,7 +47,7 @@ pub const DEFAULT_ORPHAN_EVENT_TYPE: &str = "failed";
 #[derive(Clone)]
 pub struct StreamGuardian {
     settings: Settings,
-    connect: Arc<dyn Fn(&Settings) -> Arc<dyn SweepStore> + Send + Sync>,
+    connect: Arc<ConnectSweepStore>,
     store: Arc<dyn SweepStore>,
 }
 
@@ -59,6 +61,9 @@ struct Settings {
     batch: usize,
     redis_timeout: Duration,
 }
+
+/// Builds the store of a guardian for its settings (the key prefix and time-out).
+type ConnectSweepStore = dyn Fn(&Settings) -> Arc<dyn SweepStore> + Send + Sync;
 
 /// What one sweep did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -262,7 +267,11 @@ impl fmt::Debug for StreamGuardian {
 
 /// The store operations of a sweep.
 trait SweepStore: Send + Sync + 'static {
-    fn stale_candidates(&self, cutoff_ms: u64, limit: usize) -> BoxFuture<Result<Vec<StaleCandidate>, StoreError>>;
+    fn stale_candidates(
+        &self,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<Result<Vec<StaleCandidate>, StoreError>>;
     fn mark_orphans(
         &self,
         candidates: Vec<StaleCandidate>,
@@ -277,7 +286,11 @@ impl<C> SweepStore for RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    fn stale_candidates(&self, cutoff_ms: u64, limit: usize) -> BoxFuture<Result<Vec<StaleCandidate>, StoreError>> {
+    fn stale_candidates(
+        &self,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<Result<Vec<StaleCandidate>, StoreError>> {
         let store = self.clone_store();
         Box::pin(async move { store.stale_candidates(cutoff_ms, limit).await })
     }
@@ -292,7 +305,13 @@ where
         let store = self.clone_store();
         Box::pin(async move {
             store
-                .mark_orphans(&candidates, &events, SYNTHETIC_EVENT_ID, cutoff_ms, completion_ttl)
+                .mark_orphans(
+                    &candidates,
+                    &events,
+                    SYNTHETIC_EVENT_ID,
+                    cutoff_ms,
+                    completion_ttl,
+                )
                 .await
         })
     }

@@ -34,9 +34,12 @@ use crate::{
 pub struct SseResilienceLayer {
     config: Config,
     store: Arc<dyn Store>,
-    connect: Arc<dyn Fn(&Config) -> Arc<dyn Store> + Send + Sync>,
+    connect: Arc<ConnectStore>,
     shared: Arc<OnceLock<Arc<Shared>>>,
 }
+
+/// Builds the store of a layer for its settings (the key prefix and time-out).
+type ConnectStore = dyn Fn(&Config) -> Arc<dyn Store> + Send + Sync;
 
 /// State shared by every service and body of one layer.
 pub(crate) struct Shared {
@@ -204,7 +207,9 @@ impl SseResilienceLayer {
 
     /// Returns the number of streams of this layer that are live now.
     pub fn live_streams(&self) -> usize {
-        self.shared.get().map_or(0, |shared| shared.registry.live_count())
+        self.shared
+            .get()
+            .map_or(0, |shared| shared.registry.live_count())
     }
 
     /// Starts a fresh shared state, since the settings changed.

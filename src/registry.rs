@@ -43,7 +43,11 @@ pub(crate) struct LiveEntry {
 }
 
 impl Registry {
-    pub(crate) fn new(store: Arc<dyn Store>, refresh_interval: Duration, live_ttl: Duration) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        refresh_interval: Duration,
+        live_ttl: Duration,
+    ) -> Self {
         Self {
             store,
             refresh_interval,
@@ -100,7 +104,9 @@ impl Registry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Sends one pipeline: refreshes of every live stream when `tick` is
@@ -121,7 +127,11 @@ impl Registry {
             } else {
                 Vec::new()
             };
-            (live, std::mem::take(&mut state.added), std::mem::take(&mut state.removed))
+            (
+                live,
+                std::mem::take(&mut state.added),
+                std::mem::take(&mut state.removed),
+            )
         };
         if live.is_empty() && added.is_empty() && removed.is_empty() {
             return;
@@ -207,7 +217,10 @@ async fn refresh_loop(registry: Weak<Registry>, wake: Arc<Notify>) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
-    tracing::debug!(interval_ms = interval.as_millis() as u64, "registry refresh task started");
+    tracing::debug!(
+        interval_ms = interval.as_millis() as u64,
+        "registry refresh task started"
+    );
 
     loop {
         let tick = tokio::select! {

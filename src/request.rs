@@ -26,8 +26,10 @@ enum SourceKind {
     Query(Arc<str>),
     PathSegment(Arc<str>),
     Header(HeaderName),
-    Custom(Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>),
+    Custom(Arc<ExtractId>),
 }
+
+type ExtractId = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
 /// What a [`StreamIdSource`] found in a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -100,7 +102,9 @@ impl StreamIdSource {
                 }
             }
             SourceKind::Header(name) => match parts.headers.get(name) {
-                Some(value) => IdLookup::Found(String::from_utf8_lossy(value.as_bytes()).into_owned()),
+                Some(value) => {
+                    IdLookup::Found(String::from_utf8_lossy(value.as_bytes()).into_owned())
+                }
                 None => IdLookup::Missing,
             },
             SourceKind::Custom(extract) => match extract(parts) {
@@ -125,7 +129,9 @@ impl fmt::Debug for StreamIdSource {
                 .debug_tuple("StreamIdSource::PathSegment")
                 .field(prefix)
                 .finish(),
-            SourceKind::Header(name) => f.debug_tuple("StreamIdSource::Header").field(name).finish(),
+            SourceKind::Header(name) => {
+                f.debug_tuple("StreamIdSource::Header").field(name).finish()
+            }
             SourceKind::Custom(_) => f.write_str("StreamIdSource::Custom(..)"),
         }
     }
@@ -303,30 +309,62 @@ mod tests {
     #[test]
     fn invalid_ids_rejected() {
         assert_eq!(validate_stream_id(""), Err(InvalidId::Empty));
-        assert_eq!(validate_stream_id(&"x".repeat(129)), Err(InvalidId::TooLong(129)));
-        for (id, bad) in [("a b", ' '), ("a{b}", '{'), ("a*", '*'), ("a:b", ':'), ("é", 'é'), ("a\0", '\0')] {
-            assert_eq!(validate_stream_id(id), Err(InvalidId::BadCharacter(bad)), "{id:?}");
+        assert_eq!(
+            validate_stream_id(&"x".repeat(129)),
+            Err(InvalidId::TooLong(129))
+        );
+        for (id, bad) in [
+            ("a b", ' '),
+            ("a{b}", '{'),
+            ("a*", '*'),
+            ("a:b", ':'),
+            ("é", 'é'),
+            ("a\0", '\0'),
+        ] {
+            assert_eq!(
+                validate_stream_id(id),
+                Err(InvalidId::BadCharacter(bad)),
+                "{id:?}"
+            );
         }
     }
 
     #[test]
     fn query_source_reads_parameter() {
         let source = StreamIdSource::default();
-        assert_eq!(source.lookup(&parts("/s?a=1&stream_id=abc")), IdLookup::Found("abc".into()));
-        assert_eq!(source.lookup(&parts("/s?stream_id=a%2Ab")), IdLookup::Found("a*b".into()));
+        assert_eq!(
+            source.lookup(&parts("/s?a=1&stream_id=abc")),
+            IdLookup::Found("abc".into())
+        );
+        assert_eq!(
+            source.lookup(&parts("/s?stream_id=a%2Ab")),
+            IdLookup::Found("a*b".into())
+        );
         assert_eq!(source.lookup(&parts("/s?other=1")), IdLookup::Missing);
         assert_eq!(source.lookup(&parts("/s")), IdLookup::Missing);
-        assert_eq!(source.lookup(&parts("/s?stream_id=")), IdLookup::Found(String::new()));
+        assert_eq!(
+            source.lookup(&parts("/s?stream_id=")),
+            IdLookup::Found(String::new())
+        );
     }
 
     #[test]
     fn path_source_reads_segment() {
         let source = StreamIdSource::path_segment("/api/stream");
-        assert_eq!(source.lookup(&parts("/api/stream/abc")), IdLookup::Found("abc".into()));
-        assert_eq!(source.lookup(&parts("/api/stream/abc/more?x=1")), IdLookup::Found("abc".into()));
+        assert_eq!(
+            source.lookup(&parts("/api/stream/abc")),
+            IdLookup::Found("abc".into())
+        );
+        assert_eq!(
+            source.lookup(&parts("/api/stream/abc/more?x=1")),
+            IdLookup::Found("abc".into())
+        );
         assert_eq!(source.lookup(&parts("/api/stream/")), IdLookup::Missing);
         assert_eq!(source.lookup(&parts("/healthz")), IdLookup::NotApplicable);
-        assert_eq!(source.lookup(&parts("/api/streams/abc")), IdLookup::NotApplicable);
+        assert_eq!(
+            source.lookup(&parts("/api/streams/abc")),
+            IdLookup::NotApplicable
+        );
     }
 
     #[test]

@@ -80,7 +80,9 @@ where
 
         let (id, generated) = match config.id_source.lookup(&parts) {
             IdLookup::NotApplicable => {
-                return ResponseFuture::passthrough(self.inner.call(Request::from_parts(parts, body)));
+                return ResponseFuture::passthrough(
+                    self.inner.call(Request::from_parts(parts, body)),
+                );
             }
             IdLookup::Missing => (generate_stream_id(), true),
             IdLookup::Found(id) => match validate_stream_id(&id) {
@@ -94,13 +96,19 @@ where
             Some(Ok(owner)) => owner,
             Some(Err(reason)) => {
                 tracing::warn!(stream_id = %id, reason, "request rejected: invalid owner");
-                return ResponseFuture::ready(plain_response(http::StatusCode::BAD_REQUEST, reason));
+                return ResponseFuture::ready(plain_response(
+                    http::StatusCode::BAD_REQUEST,
+                    reason,
+                ));
             }
         };
 
         let metadata = match parts.extensions.get::<StreamMetadata>() {
             Some(StreamMetadata(value)) => value.to_string(),
-            None => serde_json::json!({ "method": parts.method.as_str(), "path": parts.uri.path() }).to_string(),
+            None => {
+                serde_json::json!({ "method": parts.method.as_str(), "path": parts.uri.path() })
+                    .to_string()
+            }
         };
 
         let id: Arc<str> = id.into();
@@ -141,7 +149,9 @@ fn last_event_id(headers: &http::HeaderMap) -> String {
         return String::new();
     };
     let bytes = value.as_bytes();
-    if bytes.len() > MAX_LAST_EVENT_ID_LEN || bytes.iter().any(|b| matches!(b, b'\0' | b'\r' | b'\n')) {
+    if bytes.len() > MAX_LAST_EVENT_ID_LEN
+        || bytes.iter().any(|b| matches!(b, b'\0' | b'\r' | b'\n'))
+    {
         return String::new();
     }
     String::from_utf8_lossy(bytes).into_owned()
@@ -165,7 +175,10 @@ pub(crate) fn plain_response(status: http::StatusCode, text: &str) -> Response<B
 /// Returns true when a `Content-Type` is `text/event-stream`, compared
 /// without case and parameters.
 pub(crate) fn is_event_stream(headers: &http::HeaderMap) -> bool {
-    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
     let essence = value.split(';').next().unwrap_or_default().trim();
@@ -189,11 +202,22 @@ mod tests {
 
     #[test]
     fn event_stream_mime_matching() {
-        for value in ["text/event-stream", "Text/Event-Stream", "text/event-stream; charset=utf-8", " text/event-stream ;x=1"] {
-            assert!(is_event_stream(&headers(&[("content-type", value)])), "{value}");
+        for value in [
+            "text/event-stream",
+            "Text/Event-Stream",
+            "text/event-stream; charset=utf-8",
+            " text/event-stream ;x=1",
+        ] {
+            assert!(
+                is_event_stream(&headers(&[("content-type", value)])),
+                "{value}"
+            );
         }
         for value in ["text/plain", "application/json", "text/event-streams", ""] {
-            assert!(!is_event_stream(&headers(&[("content-type", value)])), "{value}");
+            assert!(
+                !is_event_stream(&headers(&[("content-type", value)])),
+                "{value}"
+            );
         }
         assert!(!is_event_stream(&headers(&[])));
     }

@@ -20,9 +20,12 @@ use crate::terminal::Outcome;
 pub const INDEX_SHARDS: u16 = 16;
 
 static OPEN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/open.lua")));
-static REFRESH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/refresh.lua")));
-static COMPLETE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/complete.lua")));
-static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
+static REFRESH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/refresh.lua")));
+static COMPLETE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/complete.lua")));
+static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
 static ORPHAN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/orphan.lua")));
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -65,7 +68,9 @@ impl fmt::Display for StoreError {
         match &self.kind {
             StoreErrorKind::Redis(error) => write!(f, "redis command failed: {error}"),
             StoreErrorKind::Timeout(after) => write!(f, "redis did not answer within {after:?}"),
-            StoreErrorKind::UnexpectedReply(what) => write!(f, "unexpected reply from redis: {what}"),
+            StoreErrorKind::UnexpectedReply(what) => {
+                write!(f, "unexpected reply from redis: {what}")
+            }
         }
     }
 }
@@ -236,7 +241,6 @@ where
         }
     }
 
-
     /// Runs `fut` with the store's time-out.
     pub(crate) async fn timed<T, F>(&self, fut: F) -> Result<T, StoreError>
     where
@@ -259,7 +263,8 @@ where
         match self.timed(pipe.query_async::<Vec<Value>>(&mut conn)).await {
             Err(error) if is_no_script(&error) => {
                 for script in scripts {
-                    self.timed(script.prepare_invoke().load_async(&mut conn)).await?;
+                    self.timed(script.prepare_invoke().load_async(&mut conn))
+                        .await?;
                 }
                 self.timed(pipe.query_async::<Vec<Value>>(&mut conn)).await
             }
@@ -306,10 +311,11 @@ where
                 .arg(&request.metadata)
                 .arg(millis(request.live_ttl))
                 .arg(&*request.id);
-            let reply: Vec<Value> = match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
-                Ok(result) => result?,
-                Err(_) => return Err(StoreError::timeout(timeout)),
-            };
+            let reply: Vec<Value> =
+                match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
+                    Ok(result) => result?,
+                    Err(_) => return Err(StoreError::timeout(timeout)),
+                };
             parse_open_reply(reply)
         })
     }
@@ -330,10 +336,11 @@ where
                 .arg(if completion.truncated { "1" } else { "0" })
                 .arg(now_ms())
                 .arg(millis(completion.ttl));
-            let reply: i64 = match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
-                Ok(result) => result?,
-                Err(_) => return Err(StoreError::timeout(timeout)),
-            };
+            let reply: i64 =
+                match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
+                    Ok(result) => result?,
+                    Err(_) => return Err(StoreError::timeout(timeout)),
+                };
             Ok(match reply {
                 1 => CompleteResult::Recorded,
                 0 => CompleteResult::AlreadyRecorded,
@@ -371,7 +378,11 @@ where
 
             for entry in &live {
                 let mut invocation = REFRESH.prepare_invoke();
-                invocation.key(store.keys.stream(&entry.id)).arg(now).arg(ttl_ms).arg(&*entry.claim);
+                invocation
+                    .key(store.keys.stream(&entry.id))
+                    .arg(now)
+                    .arg(ttl_ms)
+                    .arg(&*entry.claim);
                 pipe.invoke_script(&invocation);
             }
 
@@ -399,7 +410,10 @@ where
             }
             for (shard, ids) in gone.iter().enumerate() {
                 if !ids.is_empty() {
-                    pipe.cmd("ZREM").arg(store.keys.index(shard as u16)).arg(ids.as_slice()).ignore();
+                    pipe.cmd("ZREM")
+                        .arg(store.keys.index(shard as u16))
+                        .arg(ids.as_slice())
+                        .ignore();
                 }
             }
             if pipe.is_empty() {
@@ -446,7 +460,11 @@ fn parse_open_reply(reply: Vec<Value>) -> Result<OpenDecision, StoreError> {
         "not_found" => OpenDecision::NotFound,
         "live" => OpenDecision::Live,
         "claimed" => OpenDecision::Claimed,
-        other => return Err(StoreError::unexpected(format!("open script returned {other:?}"))),
+        other => {
+            return Err(StoreError::unexpected(format!(
+                "open script returned {other:?}"
+            )));
+        }
     })
 }
 
@@ -535,13 +553,19 @@ where
     }
 
     /// Removes index entries. One pipeline.
-    pub(crate) async fn remove_from_index(&self, entries: &[StaleCandidate]) -> Result<(), StoreError> {
+    pub(crate) async fn remove_from_index(
+        &self,
+        entries: &[StaleCandidate],
+    ) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
         for entry in entries {
-            pipe.cmd("ZREM").arg(self.keys.index(entry.shard)).arg(&entry.id).ignore();
+            pipe.cmd("ZREM")
+                .arg(self.keys.index(entry.shard))
+                .arg(&entry.id)
+                .ignore();
         }
         let mut conn = self.conn.clone();
         self.timed(pipe.query_async::<()>(&mut conn)).await

@@ -54,6 +54,8 @@ pub struct TerminalRule {
     kind: RuleKind,
 }
 
+type Predicate = dyn Fn(&Event<'_>) -> Option<Outcome> + Send + Sync;
+
 #[derive(Clone, Default)]
 enum RuleKind {
     #[default]
@@ -62,7 +64,7 @@ enum RuleKind {
         completed: Arc<[String]>,
         failed: Arc<[String]>,
     },
-    Custom(Arc<dyn Fn(&Event<'_>) -> Option<Outcome> + Send + Sync>),
+    Custom(Arc<Predicate>),
 }
 
 impl TerminalRule {
@@ -167,7 +169,9 @@ mod tests {
     fn classify_all(rule: &TerminalRule, input: &str) -> Vec<Option<Outcome>> {
         let mut parser = EventStreamParser::default();
         let mut outcomes = Vec::new();
-        parser.feed(input.as_bytes(), |event| outcomes.push(rule.classify(event)));
+        parser.feed(input.as_bytes(), |event| {
+            outcomes.push(rule.classify(event))
+        });
         outcomes
     }
 
@@ -238,7 +242,8 @@ mod tests {
 
     #[test]
     fn custom_rule_sees_data() {
-        let rule = TerminalRule::custom(|event| (event.data() == "bye").then_some(Outcome::Completed));
+        let rule =
+            TerminalRule::custom(|event| (event.data() == "bye").then_some(Outcome::Completed));
         assert_eq!(
             classify_all(&rule, "data: hi\n\ndata: bye\n\n"),
             vec![None, Some(Outcome::Completed)]

@@ -71,15 +71,16 @@ impl Tracker {
         let look_for_terminal = self.entry.is_some();
         let mut terminal = None;
         self.parser.feed(bytes, |event| {
-            if look_for_terminal && terminal.is_none() {
-                if let Some(outcome) = rule.classify(event) {
-                    terminal = Some((
-                        outcome,
-                        Bytes::copy_from_slice(event.raw()),
-                        event.id().map(str::to_owned),
-                        event.is_truncated(),
-                    ));
-                }
+            if look_for_terminal
+                && terminal.is_none()
+                && let Some(outcome) = rule.classify(event)
+            {
+                terminal = Some((
+                    outcome,
+                    Bytes::copy_from_slice(event.raw()),
+                    event.id().map(str::to_owned),
+                    event.is_truncated(),
+                ));
             }
         });
 

@@ -70,7 +70,12 @@ pub async fn keys_under(conn: &mut ConnectionManager, prefix: &str) -> Vec<Strin
 }
 
 /// Reads one field of a stream's hash.
-pub async fn stream_field(conn: &mut ConnectionManager, prefix: &str, id: &str, field: &str) -> Option<String> {
+pub async fn stream_field(
+    conn: &mut ConnectionManager,
+    prefix: &str,
+    id: &str,
+    field: &str,
+) -> Option<String> {
     redis::cmd("HGET")
         .arg(format!("{prefix}{{{id}}}"))
         .arg(field)
@@ -105,12 +110,16 @@ pub struct ScriptedStream {
 impl ScriptedStream {
     /// Sends one frame to the client.
     pub fn send(&self, frame: impl Into<Bytes>) {
-        self.tx.send(Ok(frame.into())).expect("the inner body was dropped");
+        self.tx
+            .send(Ok(frame.into()))
+            .expect("the inner body was dropped");
     }
 
     /// Makes the inner body fail.
     pub fn fail(&self) {
-        let _ = self.tx.send(Err(std::io::Error::other("inner body failed on purpose")));
+        let _ = self
+            .tx
+            .send(Err(std::io::Error::other("inner body failed on purpose")));
     }
 
     /// Returns true once the layer dropped the inner body.
@@ -156,7 +165,9 @@ async fn scripted_handler(
 ) -> Response<Body> {
     scripted.calls.fetch_add(1, Ordering::SeqCst);
     let (tx, rx) = mpsc::unbounded_channel();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
     scripted.streams.lock().unwrap().push(ScriptedStream {
         stream_id: query.get("stream_id").cloned(),
         tx,
@@ -168,18 +179,20 @@ async fn scripted_handler(
         .cloned()
         .unwrap_or_else(|| "text/event-stream".to_owned());
     let mut response = Response::new(Body::from_stream(stream));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_str(&content_type).unwrap());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&content_type).unwrap(),
+    );
     response
 }
 
 async fn json_handler(State(scripted): State<Scripted>) -> Response<Body> {
     scripted.calls.fetch_add(1, Ordering::SeqCst);
     let mut response = Response::new(Body::from("{\"ok\":true,\"bytes\":\"\\u0000\\r\\n\"}"));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
         .headers_mut()
         .insert("x-inner", HeaderValue::from_static("kept"));
@@ -191,9 +204,10 @@ async fn fixed_sse_handler(State(scripted): State<Scripted>) -> Result<Response<
     let mut response = Response::new(Body::from(
         "id: 1\ndata: {\"type\":\"token\"}\n\nid: 2\nevent: completed\ndata: {\"type\":\"completed\",\"text\":\"done\"}\n\n",
     ));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     Ok(response)
 }
 
@@ -251,7 +265,11 @@ impl TestServer {
 
     /// Sends a GET request.
     pub async fn get(&self, path_and_query: &str) -> reqwest::Response {
-        self.client.get(self.url(path_and_query)).send().await.unwrap()
+        self.client
+            .get(self.url(path_and_query))
+            .send()
+            .await
+            .unwrap()
     }
 }
 
@@ -263,7 +281,10 @@ impl Drop for TestServer {
 
 /// Reads a streaming response until `done` says the bytes so far are
 /// complete, or the body ends. Bounded by 20 s so a broken test fails.
-pub async fn read_until(response: &mut reqwest::Response, mut done: impl FnMut(&[u8]) -> bool) -> Vec<u8> {
+pub async fn read_until(
+    response: &mut reqwest::Response,
+    mut done: impl FnMut(&[u8]) -> bool,
+) -> Vec<u8> {
     let mut bytes = Vec::new();
     let read = async {
         while !done(&bytes) {
