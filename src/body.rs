@@ -23,7 +23,7 @@ pin_project! {
     /// passes through unchanged. The body adds heartbeat comments at event
     /// boundaries while the stream is idle, records the terminal event, and
     /// drains the inner body when it is dropped early. Other responses pass
-    /// through untouched, and answers of the layer itself (replays, 400, 404,
+    /// through untouched, and responses of the layer itself (replays, 400, 404,
     /// 409) are a single frame.
     pub struct ResilientBody<B> {
         #[pin]

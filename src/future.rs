@@ -23,7 +23,7 @@ use crate::{
     tracker::Tracker,
 };
 
-/// What the future knows of the stream a request is about.
+/// The stream a request is about, as the future needs it.
 pub(crate) struct StreamRequest {
     pub shared: Arc<Shared>,
     pub id: Arc<str>,
@@ -67,7 +67,7 @@ impl<S, ReqBody> ResponseFuture<S, ReqBody>
 where
     S: Service<Request<ReqBody>>,
 {
-    /// A future that answers at once with a response of the layer itself.
+    /// Creates a future that resolves at once to a response of the layer itself.
     pub(crate) fn ready(response: Response<Bytes>) -> Self {
         Self {
             state: State::Ready {
@@ -196,7 +196,7 @@ where
     }
 }
 
-/// Builds the layer's own answer for a stream that is not claimed.
+/// Builds the layer's own response for a stream that is not claimed.
 fn answer_from_store(decision: OpenDecision, stream: &StreamRequest) -> Response<Bytes> {
     let id = &stream.id;
     match decision {

@@ -65,7 +65,7 @@ struct Settings {
 /// Builds the store of a guardian for its settings (the key prefix and time-out).
 type ConnectSweepStore = dyn Fn(&Settings) -> Arc<dyn SweepStore> + Send + Sync;
 
-/// What one sweep did.
+/// Summary of one sweep.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
     /// Ids of the streams this sweep marked orphaned.

@@ -21,8 +21,8 @@ use crate::{
 
 /// A tower layer that makes `text/event-stream` responses resilient.
 ///
-/// For every stream request it checks Redis once: a finished stream is
-/// answered from its stored terminal event without calling the inner service,
+/// For every stream request it checks Redis once: a finished stream gets its
+/// stored terminal event without a call to the inner service,
 /// a stream live elsewhere gets 409, and otherwise the stream is claimed and
 /// the inner service is called. The response body is then watched: heartbeats
 /// go out when it is idle, its terminal event is recorded, and a client that

@@ -4,7 +4,7 @@
 //! and restarts, for any tower service, with Redis as the shared memory of
 //! every app instance.
 //!
-//! [`SseResilienceLayer`] wraps a service that answers `text/event-stream`.
+//! [`SseResilienceLayer`] wraps a service that responds with `text/event-stream`.
 //! For each stream request it makes one Redis round trip:
 //!
 //! - a finished stream is answered from Redis with its terminal event, and

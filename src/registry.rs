@@ -32,9 +32,9 @@ struct State {
     refresher_running: bool,
 }
 
-/// A stream's entry in the registry; leaving it is explicit through
-/// [`LiveEntry::finish`], and dropping it without that keeps the index entry,
-/// so a guardian can still mark the stream.
+/// A stream's entry in the registry. [`LiveEntry::finish`] leaves it. Dropping
+/// the entry without `finish` keeps the index entry, so a guardian can still
+/// mark the stream.
 pub(crate) struct LiveEntry {
     registry: Arc<Registry>,
     id: Arc<str>,
@@ -180,7 +180,7 @@ impl LiveEntry {
         &self.claim
     }
 
-    /// Leaves the registry. `ended_in_redis` tells whether the stream's hash
+    /// Leaves the registry. `ended_in_redis` is true when the stream's hash
     /// no longer says `active` (recorded or released), in which case its
     /// index entry is removed too.
     pub(crate) fn finish(mut self, ended_in_redis: bool) {

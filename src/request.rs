@@ -1,4 +1,4 @@
-//! Where a request's stream id and owner come from, and how ids are checked.
+//! Sources of a request's stream id and owner, and the id checks.
 
 use std::{fmt, sync::Arc};
 
@@ -10,7 +10,7 @@ pub const MAX_STREAM_ID_LEN: usize = 128;
 /// Maximum length of an owner, in bytes.
 pub const MAX_OWNER_LEN: usize = 256;
 
-/// Where the layer reads a request's stream id.
+/// The source of a request's stream id.
 ///
 /// The default is the query parameter `stream_id`. A request that carries no
 /// id gets a generated one, returned in the `X-Stream-Id` response header.
@@ -31,7 +31,7 @@ enum SourceKind {
 
 type ExtractId = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
-/// What a [`StreamIdSource`] found in a request.
+/// Result of looking up a stream id in a request.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum IdLookup {
     /// The request names this id (not yet validated).
@@ -54,7 +54,7 @@ impl StreamIdSource {
     ///
     /// With prefix `/api/stream/`, the request `/api/stream/abc` has the id
     /// `abc`, `/api/stream/` has none (one is generated), and `/healthz` is not
-    /// a stream request. The path is the one the layer sees: inside a nested
+    /// a stream request. The path is the one the layer receives: inside a nested
     /// axum router the nest prefix is already removed.
     pub fn path_segment(prefix: impl Into<String>) -> Self {
         let mut prefix = prefix.into();
@@ -137,11 +137,11 @@ impl fmt::Debug for StreamIdSource {
     }
 }
 
-/// Where the layer reads the owner of a request.
+/// The source of a request's owner.
 ///
 /// When a stream has an owner, its replay is served only to requests of the
 /// same owner; any other request gets 404. The default is no owner, so a
-/// stream is readable by anyone who knows its id.
+/// stream is readable by anyone who has its id.
 #[derive(Clone, Debug, Default)]
 pub enum OwnerSource {
     /// Streams have no owner.
@@ -177,7 +177,7 @@ pub struct StreamOwner(pub String);
 #[derive(Clone, Debug, PartialEq)]
 pub struct StreamMetadata(pub serde_json::Value);
 
-/// Why a stream id or owner was rejected.
+/// The reason a stream id was rejected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InvalidId {
     /// The id is empty.

@@ -30,7 +30,7 @@ static ORPHAN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// An error from the store: Redis failed or did not answer in time.
+/// An error from the store: a Redis command failed or timed out.
 #[derive(Debug)]
 pub struct StoreError {
     kind: StoreErrorKind,
@@ -67,7 +67,7 @@ impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             StoreErrorKind::Redis(error) => write!(f, "redis command failed: {error}"),
-            StoreErrorKind::Timeout(after) => write!(f, "redis did not answer within {after:?}"),
+            StoreErrorKind::Timeout(after) => write!(f, "redis command timed out after {after:?}"),
             StoreErrorKind::UnexpectedReply(what) => {
                 write!(f, "unexpected reply from redis: {what}")
             }
@@ -98,7 +98,7 @@ impl From<RedisError> for StoreError {
     }
 }
 
-/// What the open script decided for a request.
+/// Decision of the open script for one request.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum OpenDecision {
     Replay(Bytes),
@@ -134,7 +134,7 @@ pub(crate) struct Completion {
     pub ttl: Duration,
 }
 
-/// What the complete script did.
+/// Result of the complete script.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CompleteResult {
     Recorded,
@@ -159,7 +159,7 @@ pub(crate) enum RefreshResult {
 }
 
 /// The storage operations of the layer. The Redis implementation is
-/// [`RedisStore`]; the layer holds it as a trait object so that its public
+/// [`RedisStore`]; the layer keeps it as a trait object so that its public
 /// types do not carry the connection type.
 pub(crate) trait Store: Send + Sync + 'static {
     fn open(&self, request: OpenRequest) -> BoxFuture<Result<OpenDecision, StoreError>>;
@@ -187,13 +187,13 @@ impl Keys {
         Self { prefix }
     }
 
-    /// The hash of one stream: `{prefix}{<id>}`. The braces make the id the
-    /// Redis Cluster hash tag.
+    /// Returns the key of a stream's hash: `{prefix}{<id>}`. The braces make
+    /// the id the Redis Cluster hash tag.
     pub(crate) fn stream(&self, id: &str) -> String {
         format!("{}{{{}}}", self.prefix, id)
     }
 
-    /// One shard of the active-stream index: `{prefix}active:{<shard>}`.
+    /// Returns the key of one active-index shard: `{prefix}active:{<shard>}`.
     pub(crate) fn index(&self, shard: u16) -> String {
         format!("{}active:{{{}}}", self.prefix, shard)
     }
@@ -253,7 +253,7 @@ where
     }
 
     /// Runs a pipeline that invokes scripts; loads the scripts and retries
-    /// once when Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH).
+    /// once when Redis replies NOSCRIPT (after a restart or SCRIPT FLUSH).
     pub(crate) async fn query_script_pipeline(
         &self,
         pipe: &redis::Pipeline,
@@ -475,7 +475,7 @@ pub(crate) struct StaleCandidate {
     pub id: String,
 }
 
-/// What the orphan script did with one candidate.
+/// Result of the orphan script for one candidate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum OrphanResult {
     Marked,

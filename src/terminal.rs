@@ -4,7 +4,7 @@ use std::{fmt, sync::Arc};
 
 use crate::parser::Event;
 
-/// How a stream ended, as recorded in the completion store.
+/// The outcome of a finished stream, as recorded in the completion store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// The service sent its result.

@@ -17,7 +17,7 @@ use crate::{
 /// Id of the synthetic terminal events the layer and the guardian record.
 pub(crate) const SYNTHETIC_EVENT_ID: &str = "_end";
 
-/// Why the layer recorded a failure on a stream's behalf.
+/// Reason of a failure the layer records on a stream's behalf.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum FailureReason {
     BodyError,
