@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tower_service::Service;
+use tower::Service;
 
 use crate::{
     body::ResilientBody,

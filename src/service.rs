@@ -9,7 +9,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, header};
 use http_body::Body;
-use tower_service::Service;
+use tower::Service;
 
 use crate::{
     body::ResilientBody,
