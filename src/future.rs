@@ -40,13 +40,36 @@ pin_project! {
         #[pin]
         state: State<S, ReqBody, S::Future>,
     }
+
+    impl<S, ReqBody> PinnedDrop for ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            // A request dropped before its response (the client went away) must not
+            // leave its claim behind, or the id would answer 409 until the TTL runs out.
+            match this.project().state.project() {
+                StateProj::Deciding { decision, stream, .. } => {
+                    if let (Some(decision), Some(stream)) = (decision.take(), stream.take()) {
+                        release_when_claimed(decision, stream);
+                    }
+                }
+                StateProj::Calling { stream, entry, .. } => {
+                    if let (Some(stream), Some(entry)) = (stream.take(), entry.take()) {
+                        release(&stream, Some(entry));
+                    }
+                }
+                StateProj::Ready { .. } => {}
+            }
+        }
+    }
 }
 
 pin_project! {
     #[project = StateProj]
     enum State<S, ReqBody, F> {
         Deciding {
-            decision: BoxFuture<Result<OpenDecision, StoreError>>,
+            decision: Option<BoxFuture<Result<OpenDecision, StoreError>>>,
             service: Option<S>,
             request: Option<Request<ReqBody>>,
             stream: Option<StreamRequest>,
@@ -94,7 +117,7 @@ where
     ) -> Self {
         Self {
             state: State::Deciding {
-                decision,
+                decision: Some(decision),
                 service: Some(service),
                 request: Some(request),
                 stream: Some(stream),
@@ -121,12 +144,14 @@ where
                     request,
                     stream,
                 } => {
-                    let decision = ready!(decision.as_mut().poll(cx));
+                    let pending = decision.as_mut().expect("polled after completion");
+                    let result = ready!(pending.as_mut().poll(cx));
+                    decision.take();
                     let stream_request = stream.take().expect("polled after completion");
                     let mut service = service.take().expect("polled after completion");
                     let request = request.take().expect("polled after completion");
 
-                    let entry = match decision {
+                    let entry = match result {
                         Ok(OpenDecision::Claimed) => {
                             tracing::debug!(stream_id = %stream_request.id, "stream claimed");
                             Some(
@@ -150,6 +175,10 @@ where
                                 %error,
                                 "redis unavailable; serving the stream without tracking"
                             );
+                            // A timed-out open may still have claimed the id in Redis.
+                            if error.is_timeout() {
+                                release(&stream_request, None);
+                            }
                             None
                         }
                     };
@@ -172,7 +201,7 @@ where
                         Ok(response) => Ok(wrap_response(response, stream, entry)),
                         Err(error) => {
                             if let (Some(stream), Some(entry)) = (stream, entry) {
-                                release(&stream, entry);
+                                release(&stream, Some(entry));
                             }
                             Err(error)
                         }
@@ -242,7 +271,7 @@ where
     };
     if !is_event_stream(response.headers()) {
         if let Some(entry) = entry {
-            release(&stream, entry);
+            release(&stream, Some(entry));
         }
         return response.map(ResilientBody::passthrough);
     }
@@ -274,19 +303,45 @@ where
     Response::from_parts(parts, body)
 }
 
-/// Gives up a claim whose response is not an event stream.
-fn release(stream: &StreamRequest, entry: LiveEntry) {
+/// Gives up a claim whose stream will not run: its response is not an event
+/// stream, the inner service failed, or the request was dropped.
+fn release(stream: &StreamRequest, entry: Option<LiveEntry>) {
     let store = stream.shared.store.clone();
     let id = stream.id.clone();
     let claim = stream.claim.clone();
-    tracing::debug!(stream_id = %id, "response is not an event stream; releasing the claim");
-    tokio::spawn(async move {
-        match store.release(id.clone(), claim).await {
-            Ok(_) => entry.finish(true),
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(stream_id = %id, "no tokio runtime to release the claim; it expires with its TTL");
+        return;
+    };
+    tracing::debug!(stream_id = %id, "releasing the claim");
+    runtime.spawn(async move {
+        let released = match store.release(id.clone(), claim).await {
+            Ok(_) => true,
             Err(error) => {
                 tracing::warn!(stream_id = %id, %error, "releasing the claim failed; it expires with its TTL");
-                entry.finish(false);
+                false
             }
+        };
+        if let Some(entry) = entry {
+            entry.finish(released);
+        }
+    });
+}
+
+/// Waits for the open script of a dropped request and releases the claim it made, if any.
+fn release_when_claimed(
+    decision: BoxFuture<Result<OpenDecision, StoreError>>,
+    stream: StreamRequest,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        match decision.await {
+            Ok(OpenDecision::Claimed) => release(&stream, None),
+            Ok(_) => {}
+            Err(error) if error.is_timeout() => release(&stream, None),
+            Err(_) => {}
         }
     });
 }

@@ -228,8 +228,8 @@ mod tests {
         assert_eq!(last_event_id(&headers(&[])), "");
         let long = "x".repeat(MAX_LAST_EVENT_ID_LEN + 1);
         assert_eq!(last_event_id(&headers(&[("last-event-id", &long)])), "");
-        let mut map = http::HeaderMap::new();
-        map.insert("last-event-id", HeaderValue::from_bytes(b"a\0b").unwrap());
-        assert_eq!(last_event_id(&map), "");
+        // The http crate rejects NUL, CR and LF in header values before the layer runs.
+        assert!(HeaderValue::from_bytes(b"a\0b").is_err());
+        assert!(HeaderValue::from_bytes(b"a\rb").is_err());
     }
 }
