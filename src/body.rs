@@ -51,7 +51,7 @@ pin_project! {
 struct TrackedStream<B> {
     body: Option<Pin<Box<B>>>,
     tracker: Option<Tracker>,
-    drain: fn(Pin<Box<B>>, Tracker, Duration),
+    drain: fn(Pin<Box<B>>, Tracker, Duration, Instant),
     drain_timeout: Duration,
     heartbeat: Option<(Duration, Bytes)>,
     timer: Pin<Box<Sleep>>,
@@ -270,7 +270,7 @@ impl<B> Drop for TrackedStream<B> {
             tracker.fail(FailureReason::ClientDisconnected);
             return;
         }
-        (self.drain)(body, tracker, self.drain_timeout);
+        (self.drain)(body, tracker, self.drain_timeout, self.lifetime_deadline);
     }
 }
 

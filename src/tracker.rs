@@ -3,6 +3,8 @@
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use http_body::Body;
 
@@ -221,16 +223,21 @@ async fn write_completion(shared: Arc<Shared>, completion: Completion, entry: Li
     }
 }
 
-/// Reads the rest of a body whose client went away, for at most `timeout`,
-/// so that its terminal event is still recorded.
-pub(crate) fn spawn_drain<B>(body: Pin<Box<B>>, tracker: Tracker, timeout: Duration)
-where
+/// Reads the rest of a body whose client went away, for at most `timeout`
+/// and never past the stream's `lifetime_deadline`, so that its terminal
+/// event is still recorded.
+pub(crate) fn spawn_drain<B>(
+    body: Pin<Box<B>>,
+    tracker: Tracker,
+    timeout: Duration,
+    lifetime_deadline: Instant,
+) where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: std::fmt::Display,
 {
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => {
-            runtime.spawn(drain(body, tracker, timeout));
+            runtime.spawn(drain(body, tracker, timeout, lifetime_deadline));
         }
         Err(_) => {
             let mut tracker = tracker;
@@ -239,15 +246,26 @@ where
     }
 }
 
-async fn drain<B>(mut body: Pin<Box<B>>, mut tracker: Tracker, timeout: Duration)
-where
+async fn drain<B>(
+    mut body: Pin<Box<B>>,
+    mut tracker: Tracker,
+    timeout: Duration,
+    lifetime_deadline: Instant,
+) where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: std::fmt::Display,
 {
     let stream_id = tracker.stream_id().to_owned();
     tracing::info!(stream_id = %stream_id, timeout_ms = timeout.as_millis() as u64, "client went away; draining the stream");
 
-    let deadline = tokio::time::Instant::now() + timeout;
+    let drain_deadline = Instant::now()
+        .checked_add(timeout)
+        .unwrap_or(lifetime_deadline);
+    let (deadline, reason) = if lifetime_deadline < drain_deadline {
+        (lifetime_deadline, FailureReason::MaxLifetimeExceeded)
+    } else {
+        (drain_deadline, FailureReason::DrainTimeout)
+    };
     while !tracker.is_finished() {
         let next = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx));
         match tokio::time::timeout_at(deadline, next).await {
@@ -262,8 +280,12 @@ where
             }
             Ok(None) => tracker.fail(FailureReason::NoTerminalEvent),
             Err(_) => {
-                tracing::warn!(stream_id = %stream_id, "drain timed out before a terminal event");
-                tracker.fail(FailureReason::DrainTimeout);
+                tracing::warn!(
+                    stream_id = %stream_id,
+                    reason = reason.as_str(),
+                    "drain stopped before a terminal event"
+                );
+                tracker.fail(reason);
             }
         }
     }
