@@ -119,6 +119,7 @@ pub(crate) struct OpenRequest {
     pub stream_type: Arc<str>,
     pub metadata: String,
     pub live_ttl: Duration,
+    pub stale_threshold: Duration,
 }
 
 /// The end of a stream, to be written once.
@@ -310,7 +311,8 @@ where
                 .arg(&*request.stream_type)
                 .arg(&request.metadata)
                 .arg(millis(request.live_ttl))
-                .arg(&*request.id);
+                .arg(&*request.id)
+                .arg(millis(request.stale_threshold));
             let reply: Vec<Value> =
                 match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
                     Ok(result) => result?,

@@ -9,6 +9,7 @@
 -- ARGV[7]  metadata JSON
 -- ARGV[8]  TTL of a live stream's hash, milliseconds
 -- ARGV[9]  stream id
+-- ARGV[10] stale threshold of the claiming layer, milliseconds
 -- Returns one of:
 --   {"replay", terminal_event_bytes}  a finished stream whose owner matches
 --   {"gone"}                          a finished stream whose terminal id equals Last-Event-ID
@@ -44,6 +45,7 @@ redis.call('HSET', KEYS[1],
   'instance', ARGV[5],
   'claim', ARGV[4],
   'started_at', ARGV[1],
-  'last_refresh', ARGV[1])
+  'last_refresh', ARGV[1],
+  'stale_ms', ARGV[10])
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 return {'claimed'}
