@@ -82,6 +82,15 @@ impl Config {
     }
 }
 
+/// Panics with a clear message when a duration setting is zero.
+#[track_caller]
+pub(crate) fn require_non_zero(setting: &str, value: Duration) {
+    assert!(
+        !value.is_zero(),
+        "invalid {setting}: it must be greater than zero"
+    );
+}
+
 /// Builds the bytes of one heartbeat: a comment line and a blank line.
 pub(crate) fn heartbeat_frame(comment: &str) -> Bytes {
     let mut frame = String::with_capacity(comment.len() + 3);

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{
         DEFAULT_COMPLETION_TTL, DEFAULT_KEY_PREFIX, DEFAULT_REDIS_TIMEOUT, DEFAULT_STALE_THRESHOLD,
+        require_non_zero,
     },
     store::{BoxFuture, Keys, OrphanResult, RedisStore, StaleCandidate, StoreError, now_ms},
     tracker::{SYNTHETIC_EVENT_ID, synthetic_event},
@@ -108,21 +109,36 @@ impl StreamGuardian {
     }
 
     /// Sets the interval between two sweeps. Default: 30 s.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
     pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        require_non_zero("sweep_interval", interval);
         self.settings.sweep_interval = interval;
         self
     }
 
     /// Sets the age of the last refresh after which a live stream is
     /// orphaned. Default: 30 s. Use the layer's value.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
     pub fn stale_threshold(mut self, threshold: Duration) -> Self {
+        require_non_zero("stale_threshold", threshold);
         self.settings.stale_threshold = threshold;
         self
     }
 
     /// Sets how long an orphaned stream's terminal event is kept for replay.
     /// Default: 5 minutes.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
     pub fn completion_ttl(mut self, ttl: Duration) -> Self {
+        require_non_zero("completion_ttl", ttl);
         self.settings.completion_ttl = ttl;
         self
     }
@@ -164,7 +180,12 @@ impl StreamGuardian {
     }
 
     /// Sets the time-out of one Redis round trip. Default: 2 s.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
     pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        require_non_zero("redis_timeout", timeout);
         self.settings.redis_timeout = timeout;
         self.reconnect()
     }

@@ -11,7 +11,7 @@ use redis::aio::ConnectionLike;
 use tower_layer::Layer;
 
 use crate::{
-    config::{Config, heartbeat_frame},
+    config::{Config, heartbeat_frame, require_non_zero},
     registry::Registry,
     request::{OwnerSource, StreamIdSource},
     service::SseResilience,
@@ -78,7 +78,12 @@ impl SseResilienceLayer {
     /// Sets the idle time after which a heartbeat comment is sent. Default: 15 s.
     ///
     /// A heartbeat goes out only at an event boundary, never inside an event.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        require_non_zero("heartbeat_interval", interval);
         self.config.heartbeat_interval = Some(interval);
         self.changed()
     }
@@ -109,7 +114,12 @@ impl SseResilienceLayer {
     /// of it, and their hash expires after ten times it without a refresh.
     ///
     /// Use the same value for the [`StreamGuardian`](crate::StreamGuardian).
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
     pub fn stale_threshold(mut self, threshold: Duration) -> Self {
+        require_non_zero("stale_threshold", threshold);
         self.config.stale_threshold = threshold;
         self.changed()
     }
@@ -117,14 +127,24 @@ impl SseResilienceLayer {
     /// Sets the maximum lifetime of a stream; a stream still open after it is
     /// ended and recorded as failed with reason `max_lifetime_exceeded`.
     /// Default: 1 hour.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
     pub fn max_stream_lifetime(mut self, lifetime: Duration) -> Self {
+        require_non_zero("max_stream_lifetime", lifetime);
         self.config.max_stream_lifetime = lifetime;
         self.changed()
     }
 
     /// Sets how long a finished stream's terminal event is kept for replay.
     /// Default: 5 minutes. After it the id may be used for a new stream.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
     pub fn completion_ttl(mut self, ttl: Duration) -> Self {
+        require_non_zero("completion_ttl", ttl);
         self.config.completion_ttl = ttl;
         self.changed()
     }
@@ -192,7 +212,12 @@ impl SseResilienceLayer {
     }
 
     /// Sets the time-out of one Redis call. Default: 2 s.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
     pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        require_non_zero("redis_timeout", timeout);
         self.config.redis_timeout = timeout;
         self.changed()
     }
