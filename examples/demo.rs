@@ -22,8 +22,8 @@ use std::{
 };
 
 use axum::{
-    Json, Router,
-    extract::{Path, Query, State},
+    Extension, Json, Router,
+    extract::{Query, State},
     response::{
         Html,
         sse::{Event, Sse},
@@ -32,7 +32,7 @@ use axum::{
 };
 use futures_util::stream::{self, Stream};
 use serde_json::json;
-use sse_resilience::{SseResilienceLayer, StreamGuardian, StreamIdSource};
+use sse_resilience::{SseResilienceLayer, StreamGuardian, StreamId, StreamIdSource};
 use tokio_util::sync::CancellationToken;
 
 const WORDS: &[&str] = &[
@@ -96,7 +96,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/", get(page))
         .route("/healthz", get(healthz))
         .route("/api/stream/{id}", get(generate))
-        .layer(layer)
+        .route("/api/stream/", get(generate))
+        .layer(layer.clone())
         .with_state(AppState::default());
 
     let listener = tokio::net::TcpListener::bind(addr)
@@ -113,11 +114,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             wait_for_signal().await;
-            tracing::info!("shutting down");
+            tracing::info!("shutting down: waiting for live streams to finish");
             stop.cancel();
         })
         .await?;
     guardian.await?;
+
+    // The end of each stream is written by a background task: give the last
+    // ones a moment to reach Redis before the runtime stops.
+    for _ in 0..100 {
+        if layer.live_streams() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(unfinished = layer.live_streams(), "demo stopped");
     Ok(())
 }
 
@@ -134,11 +145,14 @@ async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
 
 /// Streams `tokens` token events `delay_ms` apart, then `completed` with the
 /// whole text, or `failed` when `fail=1`. Every event has an id and JSON data.
+/// `tokens` is capped at 10,000 and `delay_ms` at 60,000.
 async fn generate(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    stream_id: Option<Extension<StreamId>>,
     Query(params): Query<GenerationParams>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    // The layer sets the extension on stream requests; HEAD requests pass without it.
+    let id = stream_id.map_or_else(String::new, |Extension(id)| id.as_str().to_owned());
     let tokens = params.tokens.unwrap_or(20).min(10_000);
     let delay = Duration::from_millis(params.delay_ms.unwrap_or(200).min(60_000));
     let fail = params.fail == Some(1);
@@ -181,11 +195,14 @@ fn env_or(name: &str, default: &str) -> String {
 }
 
 fn env_secs(name: &str, default: u64) -> Result<u64, String> {
-    match env::var(name) {
-        Ok(value) => value
-            .parse()
-            .map_err(|_| format!("invalid {name} {value:?}: expected a whole number of seconds")),
-        Err(_) => Ok(default),
+    let Ok(value) = env::var(name) else {
+        return Ok(default);
+    };
+    match value.parse::<u64>() {
+        Ok(secs) if secs > 0 => Ok(secs),
+        _ => Err(format!(
+            "invalid {name} {value:?}: expected a whole number of seconds greater than zero"
+        )),
     }
 }
 

@@ -28,7 +28,6 @@ pub(crate) struct StreamRequest {
     pub shared: Arc<Shared>,
     pub id: Arc<str>,
     pub claim: Arc<str>,
-    pub generated: bool,
 }
 
 pin_project! {
@@ -278,17 +277,14 @@ where
 
     let (mut parts, body) = response.into_parts();
     set_event_stream_headers_if_missing(&mut parts.headers);
-    if stream.generated
-        && let Ok(value) = HeaderValue::from_str(&stream.id)
-    {
+    if let Ok(value) = HeaderValue::from_str(&stream.id) {
         parts
             .headers
             .insert(HeaderName::from_static(STREAM_ID_HEADER), value);
     }
-    let Some(entry) = entry else {
-        return Response::from_parts(parts, ResilientBody::passthrough(body));
-    };
 
+    // Without an entry (Redis was unavailable) the body still gets heartbeats
+    // and the lifetime limit, but nothing is recorded.
     let config = &stream.shared.config;
     let heartbeat = config
         .heartbeat_interval

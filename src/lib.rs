@@ -97,10 +97,10 @@ pub use guardian::{
     SweepReport,
 };
 pub use layer::SseResilienceLayer;
-pub use parser::{Event, EventStreamParser};
+pub use parser::EventStreamParser;
 pub use request::{
-    InvalidId, MAX_OWNER_LEN, MAX_STREAM_ID_LEN, OwnerSource, StreamIdSource, StreamMetadata,
-    StreamOwner, generate_stream_id, validate_stream_id,
+    InvalidId, MAX_OWNER_LEN, MAX_STREAM_ID_LEN, OwnerSource, StreamId, StreamIdSource,
+    StreamMetadata, StreamOwner, generate_stream_id, validate_stream_id,
 };
 pub use service::{STREAM_ID_HEADER, SseResilience};
 pub use store::{INDEX_SHARDS, StoreError};

@@ -53,9 +53,10 @@ impl StreamIdSource {
     /// Reads the id from the path segment right after `prefix`.
     ///
     /// With prefix `/api/stream/`, the request `/api/stream/abc` has the id
-    /// `abc`, `/api/stream/` has none (one is generated), and `/healthz` is not
-    /// a stream request. The path is the one the layer receives: inside a nested
-    /// axum router the nest prefix is already removed.
+    /// `abc`, `/api/stream/` has none (one is generated), and `/healthz` and
+    /// `/api/stream/abc/more` are not stream requests. The path is the one the
+    /// layer receives: inside a nested axum router the nest prefix is already
+    /// removed.
     pub fn path_segment(prefix: impl Into<String>) -> Self {
         let mut prefix = prefix.into();
         if !prefix.ends_with('/') {
@@ -94,11 +95,14 @@ impl StreamIdSource {
                 let Some(rest) = parts.uri.path().strip_prefix(&**prefix) else {
                     return IdLookup::NotApplicable;
                 };
-                let segment = rest.split('/').next().unwrap_or_default();
-                if segment.is_empty() {
+                // Only `{prefix}{id}` and `{prefix}{id}/` name a stream; deeper paths are other routes.
+                let segment = rest.strip_suffix('/').unwrap_or(rest);
+                if segment.contains('/') {
+                    IdLookup::NotApplicable
+                } else if segment.is_empty() {
                     IdLookup::Missing
                 } else {
-                    IdLookup::Found(percent_decode(segment))
+                    IdLookup::Found(percent_decode(segment, false))
                 }
             }
             SourceKind::Header(name) => match parts.headers.get(name) {
@@ -171,6 +175,19 @@ impl OwnerSource {
 /// authentication (used with [`OwnerSource::Extension`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamOwner(pub String);
+
+/// The id of the stream a request is about, as a request extension the layer
+/// sets before it calls the inner service. It is the generated id when the
+/// request carried none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamId(pub Arc<str>);
+
+impl StreamId {
+    /// Returns the id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 /// Metadata JSON stored with a stream in the registry, as a request extension
 /// set by the app. Without it the layer stores the request method and path.
@@ -245,13 +262,14 @@ fn is_id_char(c: char) -> bool {
 fn query_value(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(key) == name).then(|| percent_decode(value))
+        (percent_decode(key, true) == name).then(|| percent_decode(value, true))
     })
 }
 
-/// Decodes `%XX` escapes and `+`; invalid escapes are kept as they are, so a
-/// bad id is still rejected by validation rather than silently altered.
-fn percent_decode(input: &str) -> String {
+/// Decodes `%XX` escapes, and `+` as a space when `plus_is_space` (in a query).
+/// Invalid escapes are kept as they are, so a bad id is still rejected by
+/// validation rather than silently altered.
+fn percent_decode(input: &str, plus_is_space: bool) -> String {
     let bytes = input.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -269,7 +287,7 @@ fn percent_decode(input: &str) -> String {
                     }
                 }
             }
-            b'+' => {
+            b'+' if plus_is_space => {
                 out.push(b' ');
                 i += 1;
             }
@@ -356,8 +374,16 @@ mod tests {
             IdLookup::Found("abc".into())
         );
         assert_eq!(
-            source.lookup(&parts("/api/stream/abc/more?x=1")),
+            source.lookup(&parts("/api/stream/abc/?x=1")),
             IdLookup::Found("abc".into())
+        );
+        assert_eq!(
+            source.lookup(&parts("/api/stream/abc/more")),
+            IdLookup::NotApplicable
+        );
+        assert_eq!(
+            source.lookup(&parts("/api/stream/a+b")),
+            IdLookup::Found("a+b".into())
         );
         assert_eq!(source.lookup(&parts("/api/stream/")), IdLookup::Missing);
         assert_eq!(source.lookup(&parts("/healthz")), IdLookup::NotApplicable);
@@ -369,9 +395,11 @@ mod tests {
 
     #[test]
     fn percent_decode_keeps_bad_escapes() {
-        assert_eq!(percent_decode("a%zz"), "a%zz");
-        assert_eq!(percent_decode("a%4"), "a%4");
-        assert_eq!(percent_decode("%41%42"), "AB");
+        assert_eq!(percent_decode("a%zz", true), "a%zz");
+        assert_eq!(percent_decode("a%4", true), "a%4");
+        assert_eq!(percent_decode("%41%42", true), "AB");
+        assert_eq!(percent_decode("a+b", true), "a b");
+        assert_eq!(percent_decode("a+b", false), "a+b");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, header};
+use http::{HeaderValue, Method, Request, Response, header};
 use http_body::Body;
 use tower::Service;
 
@@ -16,7 +16,8 @@ use crate::{
     future::{ResponseFuture, StreamRequest},
     layer::Shared,
     request::{
-        IdLookup, InvalidId, StreamMetadata, generate_stream_id, sanitize_owner, validate_stream_id,
+        IdLookup, InvalidId, StreamId, StreamMetadata, generate_stream_id, sanitize_owner,
+        validate_stream_id,
     },
     store::OpenRequest,
 };
@@ -76,17 +77,24 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let config = &self.shared.config;
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
 
-        let (id, generated) = match config.id_source.lookup(&parts) {
+        // A HEAD or OPTIONS request has no body to stream: claiming it would drain a
+        // whole run that nobody reads.
+        let lookup = if matches!(parts.method, Method::HEAD | Method::OPTIONS) {
+            IdLookup::NotApplicable
+        } else {
+            config.id_source.lookup(&parts)
+        };
+        let id = match lookup {
             IdLookup::NotApplicable => {
                 return ResponseFuture::passthrough(
                     self.inner.call(Request::from_parts(parts, body)),
                 );
             }
-            IdLookup::Missing => (generate_stream_id(), true),
+            IdLookup::Missing => generate_stream_id(),
             IdLookup::Found(id) => match validate_stream_id(&id) {
-                Ok(()) => (id, false),
+                Ok(()) => id,
                 Err(error) => return ResponseFuture::ready(bad_request(&error)),
             },
         };
@@ -112,6 +120,7 @@ where
         };
 
         let id: Arc<str> = id.into();
+        parts.extensions.insert(StreamId(id.clone()));
         let claim: Arc<str> = generate_stream_id().into();
         let decision = self.shared.store.open(OpenRequest {
             id: id.clone(),
@@ -122,6 +131,7 @@ where
             stream_type: config.stream_type.clone(),
             metadata,
             live_ttl: config.live_ttl(),
+            stale_threshold: config.stale_threshold,
         });
 
         // The service that was made ready goes into the future; a clone takes its place.
@@ -136,7 +146,6 @@ where
                 shared: self.shared.clone(),
                 id,
                 claim,
-                generated,
             },
         )
     }

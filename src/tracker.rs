@@ -49,11 +49,14 @@ pub(crate) struct Tracker {
 }
 
 impl Tracker {
-    pub(crate) fn new(shared: Arc<Shared>, entry: LiveEntry) -> Self {
+    /// Creates the tracker of a claimed stream, or with `entry` `None` of a
+    /// stream served untracked (Redis was unavailable): it then only finds
+    /// event boundaries for heartbeats and records nothing.
+    pub(crate) fn new(shared: Arc<Shared>, entry: Option<LiveEntry>) -> Self {
         let parser = EventStreamParser::new(shared.config.max_event_bytes);
         Self {
             shared,
-            entry: Some(entry),
+            entry,
             parser,
         }
     }
