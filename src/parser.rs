@@ -110,6 +110,9 @@ pub struct EventStreamParser {
     value_has_nul: bool,
     /// Copy of the current block's bytes when it spans chunks.
     accumulator: Vec<u8>,
+    /// Address of the chunk passed to the running `feed` call, to report where in
+    /// it an event's empty line is.
+    chunk_address: usize,
 }
 
 /// One dispatched event, borrowed from the parser and the current chunk.
@@ -119,6 +122,7 @@ pub struct Event<'a> {
     last_event_id: &'a str,
     raw: &'a [u8],
     truncated: bool,
+    empty_line: std::ops::Range<usize>,
 }
 
 /// Progress of the byte order mark check at the start of the stream.
@@ -181,6 +185,7 @@ impl EventStreamParser {
             value_overflow: false,
             value_has_nul: false,
             accumulator: Vec::new(),
+            chunk_address: 0,
         }
     }
 
@@ -189,6 +194,7 @@ impl EventStreamParser {
     /// An event is dispatched when the empty line that ends its block arrives. A
     /// chunk can dispatch several events or none. Empty chunks change nothing.
     pub fn feed<F: FnMut(&Event<'_>)>(&mut self, chunk: &[u8], mut on_event: F) {
+        self.chunk_address = chunk.as_ptr() as usize;
         let mut chunk = chunk;
         if let BomState::Matched(matched_before) = self.bom {
             let matched_before = usize::from(matched_before);
@@ -307,6 +313,15 @@ impl<'a> Event<'a> {
     /// Returns true when the block was longer than `max_event_bytes`.
     pub fn is_truncated(&self) -> bool {
         self.truncated
+    }
+
+    /// Returns the byte range, in the chunk passed to the `feed` call that
+    /// dispatched this event, of the empty line that ended the event.
+    ///
+    /// Bytes inserted at its start (an `id:` line, say) become part of the
+    /// event, since every line before the empty line ends with its own line end.
+    pub fn empty_line(&self) -> std::ops::Range<usize> {
+        self.empty_line.clone()
     }
 
     /// Builds the event data from [`raw`](Self::raw): the values of the `data`
@@ -628,12 +643,17 @@ impl EventStreamParser {
             } else {
                 self.event_type.as_str()
             };
+            // The empty line is the block's last line, so it ends the tail; a CR and
+            // an LF there are one line end.
+            let end = tail.as_ptr() as usize + tail.len() - self.chunk_address;
+            let empty_line_len = if tail.ends_with(b"\r\n") { 2 } else { 1 };
             let event = Event {
                 event_type,
                 id: self.has_block_id.then_some(self.last_event_id.as_str()),
                 last_event_id: &self.last_event_id,
                 raw,
                 truncated,
+                empty_line: end.saturating_sub(empty_line_len)..end,
             };
             on_event(&event);
         }
@@ -1789,5 +1809,31 @@ mod tests {
             "scanned {} bytes in {elapsed:?}: {mb_per_second:.0} MB/s",
             body.len()
         );
+    }
+
+    #[test]
+    fn empty_line_range_in_chunk() {
+        let cases: [(&[u8], std::ops::Range<usize>); 5] = [
+            (b"data: a\n\n", 8..9),
+            (b"data: a\r\n\r\n", 9..11),
+            (b"data: a\r\r", 8..9),
+            (b"data: a\n\r\n", 8..10),
+            (b":c\ndata: a\n\ndata: b\n\n", 11..12),
+        ];
+        for (input, expected) in cases {
+            let mut parser = EventStreamParser::default();
+            let mut ranges = Vec::new();
+            parser.feed(input, |event| ranges.push(event.empty_line()));
+            assert_eq!(ranges.first(), Some(&expected), "{:?}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn empty_line_range_after_split() {
+        let mut parser = EventStreamParser::default();
+        let mut ranges = Vec::new();
+        parser.feed(b"data: a\r", |event| ranges.push(event.empty_line()));
+        parser.feed(b"\n\ndata: b\n\n", |event| ranges.push(event.empty_line()));
+        assert_eq!(ranges, vec![1..2, 10..11]);
     }
 }
