@@ -1,8 +1,11 @@
 //! The response body of the layer.
 
 use std::{
+    collections::VecDeque,
     fmt,
+    future::Future,
     pin::Pin,
+    sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
     time::Duration,
 };
@@ -10,9 +13,17 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::{
+    sync::mpsc,
+    time::{Instant, Sleep},
+};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::tracker::{FailureReason, Tracker, spawn_drain};
+use crate::{
+    follow::{FollowMessage, FollowerHandle},
+    layer::Shared,
+    tracker::{FailureReason, Tracker, spawn_drain},
+};
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -44,6 +55,9 @@ pin_project! {
         Tracked {
             stream: Box<TrackedStream<B>>,
         },
+        Follow {
+            stream: Box<FollowStream>,
+        },
     }
 }
 
@@ -60,12 +74,24 @@ struct TrackedStream<B> {
     lifetime_deadline: Instant,
     data_seen: bool,
     heartbeat_before_data: bool,
+    /// Pieces of the current frame still to send, around inserted `id:` lines,
+    /// and the shutdown hint.
+    pending: VecDeque<Bytes>,
+    shutdown: ShutdownWatch,
+    /// The response was ended by a shutdown; the inner body is still read by a drain.
+    closed: bool,
 }
 
 impl<B> ResilientBody<B> {
     pub(crate) fn passthrough(body: B) -> Self {
         Self {
             kind: Kind::Passthrough { body },
+        }
+    }
+
+    pub(crate) fn follow(stream: Box<FollowStream>) -> Self {
+        Self {
+            kind: Kind::Follow { stream },
         }
     }
 
@@ -90,6 +116,7 @@ where
         max_lifetime: Duration,
         drain_timeout: Duration,
     ) -> Self {
+        let shutdown = ShutdownWatch::new(tracker.shared());
         let now = Instant::now();
         let lifetime_deadline = far_deadline(now, max_lifetime);
         let first_deadline = match &heartbeat {
@@ -110,6 +137,9 @@ where
                     lifetime_deadline,
                     data_seen: false,
                     heartbeat_before_data: false,
+                    pending: VecDeque::new(),
+                    shutdown,
+                    closed: false,
                 }),
             },
         }
@@ -131,6 +161,7 @@ where
             KindProj::Passthrough { body } => body.poll_frame(cx),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Tracked { stream } => stream.poll_frame(cx),
+            KindProj::Follow { stream } => stream.poll_frame(cx).map(|f| f.map(Ok)),
         }
     }
 
@@ -138,7 +169,10 @@ where
         match &self.kind {
             Kind::Passthrough { body } => body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
-            Kind::Tracked { stream } => stream.body.is_none(),
+            Kind::Tracked { stream } => {
+                stream.pending.is_empty() && (stream.closed || stream.body.is_none())
+            }
+            Kind::Follow { stream } => stream.ended,
         }
     }
 
@@ -149,7 +183,7 @@ where
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             // Heartbeats add bytes the inner body cannot know of.
-            Kind::Tracked { .. } => SizeHint::default(),
+            Kind::Tracked { .. } | Kind::Follow { .. } => SizeHint::default(),
         }
     }
 }
@@ -160,6 +194,7 @@ impl<B> fmt::Debug for ResilientBody<B> {
             Kind::Passthrough { .. } => "passthrough",
             Kind::Full { .. } => "full",
             Kind::Tracked { .. } => "tracked",
+            Kind::Follow { .. } => "follow",
         };
         f.debug_struct("ResilientBody")
             .field("kind", &kind)
@@ -173,12 +208,41 @@ where
 {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         loop {
+            if let Some(piece) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(piece))));
+            }
+            // A response closed by a shutdown ends here; dropping it hands the
+            // inner body to a drain.
+            if self.closed {
+                return Poll::Ready(None);
+            }
             let Some(body) = self.body.as_mut() else {
                 return Poll::Ready(None);
             };
 
+            if self.shutdown.is_begun() {
+                let at_boundary = self
+                    .tracker
+                    .as_ref()
+                    .is_none_or(Tracker::is_at_event_boundary);
+                if at_boundary {
+                    self.pending.push_back(self.shutdown.retry_frame().clone());
+                    self.closed = true;
+                    continue;
+                }
+                if self.shutdown.poll_forced(cx) {
+                    // The grace period is over and the stream is still inside an
+                    // event: end it anyway, the client drops the partial event.
+                    self.closed = true;
+                    continue;
+                }
+            }
+
             match body.as_mut().poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(self.on_frame(frame)))),
+                Poll::Ready(Some(Ok(frame))) => {
+                    let first = self.on_frame(frame);
+                    return Poll::Ready(Some(Ok(first)));
+                }
                 Poll::Ready(Some(Err(error))) => {
                     self.end(Some(FailureReason::BodyError));
                     return Poll::Ready(Some(Err(error)));
@@ -220,32 +284,53 @@ where
                 self.timer.as_mut().reset(deadline);
                 self.timer_deadline = deadline;
             }
-            if self.timer.as_mut().poll(cx).is_pending() {
+            let timer_fired = self.timer.as_mut().poll(cx).is_ready();
+            // Once the shutdown began, the check at the top of the loop handles it.
+            let shutdown_begun = !self.shutdown.is_begun() && self.shutdown.poll_begun(cx);
+            if !timer_fired && !shutdown_begun {
                 return Poll::Pending;
             }
         }
     }
 
+    /// Scans a frame of the inner body and returns the first piece to send;
+    /// the rest (around inserted `id:` lines) waits in `pending`.
     fn on_frame(&mut self, frame: Frame<Bytes>) -> Frame<Bytes> {
-        match frame.into_data() {
-            Ok(mut data) => {
-                if data.is_empty() {
-                    return Frame::data(data);
-                }
-                // A heartbeat before the first byte would move a leading BOM off the
-                // start of the stream, where a client no longer strips it.
-                if !self.data_seen && self.heartbeat_before_data && data.starts_with(BOM) {
-                    data = data.slice(BOM.len()..);
-                }
-                self.data_seen = true;
-                self.last_activity = Instant::now();
-                if let Some(tracker) = self.tracker.as_mut() {
-                    tracker.observe(&data);
-                }
-                Frame::data(data)
-            }
-            Err(other) => other,
+        let mut data = match frame.into_data() {
+            Ok(data) => data,
+            Err(other) => return other,
+        };
+        if data.is_empty() {
+            return Frame::data(data);
         }
+
+        // A heartbeat before the first byte would move a leading BOM off the
+        // start of the stream, where a client no longer strips it.
+        if !self.data_seen && self.heartbeat_before_data && data.starts_with(BOM) {
+            data = data.slice(BOM.len()..);
+        }
+        self.data_seen = true;
+        self.last_activity = Instant::now();
+        let Some(tracker) = self.tracker.as_mut() else {
+            return Frame::data(data);
+        };
+        let insertions = tracker.observe(&data);
+        if insertions.is_empty() {
+            return Frame::data(data);
+        }
+
+        let mut start = 0;
+        for insertion in insertions {
+            if insertion.offset > start {
+                self.pending.push_back(data.slice(start..insertion.offset));
+            }
+            self.pending.push_back(insertion.line);
+            start = insertion.offset;
+        }
+        if start < data.len() {
+            self.pending.push_back(data.slice(start..));
+        }
+        Frame::data(self.pending.pop_front().unwrap_or_default())
     }
 
     /// Ends the stream: records `failure` unless a terminal event was already
@@ -267,10 +352,140 @@ impl<B> Drop for TrackedStream<B> {
             return;
         }
         if self.drain_timeout.is_zero() {
-            tracker.fail(FailureReason::ClientDisconnected);
+            let reason = if self.shutdown.is_begun() {
+                FailureReason::Shutdown
+            } else {
+                FailureReason::ClientDisconnected
+            };
+            tracker.fail(reason);
             return;
         }
         (self.drain)(body, tracker, self.drain_timeout, self.lifetime_deadline);
+    }
+}
+
+/// A response served from a stream's event log.
+pub(crate) struct FollowStream {
+    rx: mpsc::Receiver<FollowMessage>,
+    _handle: FollowerHandle,
+    heartbeat: Option<(Duration, Bytes)>,
+    timer: Pin<Box<Sleep>>,
+    timer_deadline: Instant,
+    last_activity: Instant,
+    shutdown: ShutdownWatch,
+    ended: bool,
+}
+
+impl FollowStream {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        handle: FollowerHandle,
+        rx: mpsc::Receiver<FollowMessage>,
+        heartbeat: Option<(Duration, Bytes)>,
+    ) -> Self {
+        let now = Instant::now();
+        let deadline = far_deadline(now, heartbeat.as_ref().map_or(Duration::MAX, |(i, _)| *i));
+        Self {
+            rx,
+            _handle: handle,
+            heartbeat,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            timer_deadline: deadline,
+            last_activity: now,
+            shutdown: ShutdownWatch::new(&shared),
+            ended: false,
+        }
+    }
+
+    /// Every point between two log entries is an event boundary, so heartbeats
+    /// and the shutdown hint go out whenever they are due.
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame<Bytes>>> {
+        loop {
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            if self.shutdown.is_begun() {
+                self.ended = true;
+                return Poll::Ready(Some(Frame::data(self.shutdown.retry_frame().clone())));
+            }
+
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(FollowMessage::Event(event))) => {
+                    self.last_activity = Instant::now();
+                    return Poll::Ready(Some(Frame::data(event)));
+                }
+                Poll::Ready(Some(FollowMessage::End) | None) => {
+                    self.ended = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {}
+            }
+
+            if let Some((interval, frame)) = &self.heartbeat {
+                let now = Instant::now();
+                let due = self.last_activity + *interval;
+                if now >= due {
+                    self.last_activity = now;
+                    return Poll::Ready(Some(Frame::data(frame.clone())));
+                }
+                if due != self.timer_deadline {
+                    self.timer.as_mut().reset(due);
+                    self.timer_deadline = due;
+                }
+            }
+            let timer_fired = self.timer.as_mut().poll(cx).is_ready();
+            // Once the shutdown began, the check at the top of the loop handles it.
+            let shutdown_begun = !self.shutdown.is_begun() && self.shutdown.poll_begun(cx);
+            if !timer_fired && !shutdown_begun {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// A body's view of the layer's shutdown: atomic flags on the hot path, and
+/// per-body cancellation futures that wake an idle body.
+struct ShutdownWatch {
+    shared: Arc<Shared>,
+    begun: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    forced: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+impl ShutdownWatch {
+    fn new(shared: &Arc<Shared>) -> Self {
+        Self {
+            shared: shared.clone(),
+            begun: None,
+            forced: None,
+        }
+    }
+
+    fn is_begun(&self) -> bool {
+        self.shared.shutdown.begun.load(Ordering::Relaxed)
+    }
+
+    fn retry_frame(&self) -> &Bytes {
+        &self.shared.retry_frame
+    }
+
+    /// Registers the task to be woken when the shutdown begins; returns true
+    /// when it has.
+    fn poll_begun(&mut self, cx: &mut Context<'_>) -> bool {
+        let token = &self.shared.shutdown.begin;
+        let future = self
+            .begun
+            .get_or_insert_with(|| Box::pin(token.child_token().cancelled_owned()));
+        future.as_mut().poll(cx).is_ready()
+    }
+
+    /// Registers the task to be woken when the grace period ends; returns true
+    /// when it has.
+    fn poll_forced(&mut self, cx: &mut Context<'_>) -> bool {
+        let token = &self.shared.shutdown.force;
+        let future = self
+            .forced
+            .get_or_insert_with(|| Box::pin(token.child_token().cancelled_owned()));
+        future.as_mut().poll(cx).is_ready()
     }
 }
 

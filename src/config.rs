@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 
 use crate::{
+    log::EventLog,
     request::{OwnerSource, StreamIdSource},
     terminal::TerminalRule,
 };
@@ -25,6 +26,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_KEY_PREFIX: &str = "sse:";
 /// Default time-out of one Redis call made by the layer.
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default reconnection delay suggested to clients during a shutdown.
+pub const DEFAULT_SHUTDOWN_RETRY: Duration = Duration::from_secs(1);
 /// Default stream type stored in the registry.
 pub const DEFAULT_STREAM_TYPE: &str = "sse";
 
@@ -45,6 +48,8 @@ pub(crate) struct Config {
     pub instance_id: Arc<str>,
     pub redis_timeout: Duration,
     pub max_event_bytes: usize,
+    pub event_log: Option<EventLog>,
+    pub shutdown_retry: Duration,
 }
 
 impl Default for Config {
@@ -64,6 +69,8 @@ impl Default for Config {
             instance_id: default_instance_id().into(),
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
             max_event_bytes: crate::parser::DEFAULT_MAX_EVENT_BYTES,
+            event_log: None,
+            shutdown_retry: DEFAULT_SHUTDOWN_RETRY,
         }
     }
 }
@@ -89,6 +96,11 @@ pub(crate) fn require_non_zero(setting: &str, value: Duration) {
         !value.is_zero(),
         "invalid {setting}: it must be greater than zero"
     );
+}
+
+/// Builds the `retry:` hint sent to live clients during a shutdown.
+pub(crate) fn retry_frame(delay: Duration) -> Bytes {
+    Bytes::from(format!("retry: {}\n\n", delay.as_millis()))
 }
 
 /// Builds the bytes of one heartbeat: a comment line and a blank line.

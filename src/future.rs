@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::{
-    body::ResilientBody,
+    body::{FollowStream, ResilientBody},
     layer::Shared,
     registry::LiveEntry,
     service::{STREAM_ID_HEADER, is_event_stream, plain_response},
@@ -28,6 +28,7 @@ pub(crate) struct StreamRequest {
     pub shared: Arc<Shared>,
     pub id: Arc<str>,
     pub claim: Arc<str>,
+    pub last_event_id: Option<Arc<str>>,
 }
 
 pin_project! {
@@ -80,7 +81,7 @@ pin_project! {
             entry: Option<LiveEntry>,
         },
         Ready {
-            response: Option<Response<Bytes>>,
+            response: Option<Response<ReadyBody>>,
         },
     }
 }
@@ -93,7 +94,7 @@ where
     pub(crate) fn ready(response: Response<Bytes>) -> Self {
         Self {
             state: State::Ready {
-                response: Some(response),
+                response: Some(response.map(ReadyBody::Full)),
             },
         }
     }
@@ -160,10 +161,17 @@ where
                                     .enter(stream_request.id.clone(), stream_request.claim.clone()),
                             )
                         }
+                        Ok(OpenDecision::Follow) => {
+                            let response = follow_response(&stream_request);
+                            this.state.set(State::Ready {
+                                response: Some(response),
+                            });
+                            continue;
+                        }
                         Ok(other) => {
                             let response = answer_from_store(other, &stream_request);
                             this.state.set(State::Ready {
-                                response: Some(response),
+                                response: Some(response.map(ReadyBody::Full)),
                             });
                             continue;
                         }
@@ -208,7 +216,10 @@ where
                 }
                 StateProj::Ready { response } => {
                     let response = response.take().expect("polled after completion");
-                    return Poll::Ready(Ok(response.map(ResilientBody::full)));
+                    return Poll::Ready(Ok(response.map(|body| match body {
+                        ReadyBody::Full(bytes) => ResilientBody::full(bytes),
+                        ReadyBody::Follow(stream) => ResilientBody::follow(stream),
+                    })));
                 }
             }
         }
@@ -222,6 +233,37 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
+}
+
+/// Body of a response the layer builds itself.
+pub(crate) enum ReadyBody {
+    Full(Bytes),
+    Follow(Box<FollowStream>),
+}
+
+/// Builds the response of a follower: the stream's logged events after the
+/// request's Last-Event-ID (or from the start), then its live events.
+fn follow_response(stream: &StreamRequest) -> Response<ReadyBody> {
+    let shared = &stream.shared;
+    let poller = shared
+        .follow
+        .as_ref()
+        .expect("follow decisions need the event log, which starts the poller");
+    tracing::info!(
+        stream_id = %stream.id,
+        last_event_id = stream.last_event_id.as_deref().unwrap_or(""),
+        "serving the stream from its event log"
+    );
+    let (handle, rx) = poller.follow(stream.id.clone(), stream.last_event_id.clone());
+    let config = &shared.config;
+    let heartbeat = config
+        .heartbeat_interval
+        .map(|interval| (interval, config.heartbeat_frame.clone()));
+    let body = FollowStream::new(shared.clone(), handle, rx, heartbeat);
+    let mut response = Response::new(ReadyBody::Follow(Box::new(body)));
+    set_event_stream_headers(response.headers_mut());
+    set_stream_id(&mut response, &stream.id);
+    response
 }
 
 /// Builds the layer's own response for a stream that is not claimed.
@@ -252,7 +294,9 @@ fn answer_from_store(decision: OpenDecision, stream: &StreamRequest) -> Response
                 &format!("stream {id} is live on another connection; retry after it ends"),
             )
         }
-        OpenDecision::Claimed => unreachable!("claimed streams call the inner service"),
+        OpenDecision::Claimed | OpenDecision::Follow => {
+            unreachable!("claimed and followed streams have their own responses")
+        }
     }
 }
 

@@ -10,11 +10,16 @@ use http::HeaderName;
 use redis::aio::ConnectionLike;
 use tower_layer::Layer;
 
+use bytes::Bytes;
+
 use crate::{
-    config::{Config, heartbeat_frame, require_non_zero},
+    config::{Config, heartbeat_frame, require_non_zero, retry_frame},
+    follow::FollowPoller,
+    log::{EventLog, LogWriter},
     registry::Registry,
     request::{OwnerSource, StreamIdSource},
     service::SseResilience,
+    shutdown::{ShutdownHandle, ShutdownSignal},
     store::{Keys, RedisStore, Store},
     terminal::TerminalRule,
 };
@@ -46,6 +51,10 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) registry: Arc<Registry>,
+    pub(crate) log: Option<Arc<LogWriter>>,
+    pub(crate) follow: Option<Arc<FollowPoller>>,
+    pub(crate) shutdown: ShutdownSignal,
+    pub(crate) retry_frame: Bytes,
 }
 
 impl SseResilienceLayer {
@@ -230,6 +239,36 @@ impl SseResilienceLayer {
         self.changed()
     }
 
+    /// Turns the event log on: every event is appended to a Redis Stream per
+    /// stream, a request with `Last-Event-ID` resumes after that event on any
+    /// instance, and a request for a live stream follows it instead of getting
+    /// 409. Off by default. See [`EventLog`] for its settings.
+    pub fn event_log(mut self, settings: EventLog) -> Self {
+        self.config.event_log = Some(settings);
+        self.changed()
+    }
+
+    /// Sets the reconnection delay suggested to clients during a shutdown: the
+    /// `retry:` hint of live responses and the `Retry-After` of refused
+    /// requests (rounded up to whole seconds). Default: 1 s.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
+    pub fn shutdown_retry(mut self, delay: Duration) -> Self {
+        require_non_zero("shutdown_retry", delay);
+        self.config.shutdown_retry = delay;
+        self.changed()
+    }
+
+    /// Returns the handle that shuts this layer down gracefully.
+    ///
+    /// Take it after the last builder call: a builder call afterwards starts
+    /// a new layer state that this handle does not control.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle::new(self.shared())
+    }
+
     /// Returns the number of streams of this layer that are live now.
     pub fn live_streams(&self) -> usize {
         self.shared
@@ -252,10 +291,27 @@ impl SseResilienceLayer {
                     self.config.refresh_interval(),
                     self.config.live_ttl(),
                 ));
+                let log = self.config.event_log.as_ref().map(|settings| {
+                    Arc::new(LogWriter::new(
+                        self.store.clone(),
+                        settings,
+                        self.config.live_ttl(),
+                    ))
+                });
+                let follow = self.config.event_log.as_ref().map(|settings| {
+                    Arc::new(FollowPoller::new(
+                        self.store.clone(),
+                        settings.follow_poll_interval,
+                    ))
+                });
                 Arc::new(Shared {
                     config: self.config.clone(),
                     store: self.store.clone(),
                     registry,
+                    log,
+                    follow,
+                    shutdown: ShutdownSignal::default(),
+                    retry_frame: retry_frame(self.config.shutdown_retry),
                 })
             })
             .clone()

@@ -74,13 +74,16 @@
 
 mod body;
 mod config;
+mod follow;
 mod future;
 mod guardian;
 mod layer;
+mod log;
 pub mod parser;
 mod registry;
 mod request;
 mod service;
+mod shutdown;
 mod store;
 mod terminal;
 mod tracker;
@@ -89,7 +92,7 @@ pub use body::ResilientBody;
 pub use config::{
     DEFAULT_COMPLETION_TTL, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT_COMMENT,
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_KEY_PREFIX, DEFAULT_MAX_STREAM_LIFETIME,
-    DEFAULT_REDIS_TIMEOUT, DEFAULT_STALE_THRESHOLD, DEFAULT_STREAM_TYPE,
+    DEFAULT_REDIS_TIMEOUT, DEFAULT_SHUTDOWN_RETRY, DEFAULT_STALE_THRESHOLD, DEFAULT_STREAM_TYPE,
 };
 pub use future::ResponseFuture;
 pub use guardian::{
@@ -97,12 +100,17 @@ pub use guardian::{
     SweepReport,
 };
 pub use layer::SseResilienceLayer;
+pub use log::{
+    DEFAULT_FOLLOW_POLL_INTERVAL, DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_MAX_EVENTS,
+    DEFAULT_LOG_MAX_PENDING_BYTES, EventLog,
+};
 pub use parser::EventStreamParser;
 pub use request::{
     InvalidId, MAX_OWNER_LEN, MAX_STREAM_ID_LEN, OwnerSource, StreamId, StreamIdSource,
     StreamMetadata, StreamOwner, generate_stream_id, validate_stream_id,
 };
 pub use service::{STREAM_ID_HEADER, SseResilience};
+pub use shutdown::{ShutdownHandle, ShutdownReport};
 pub use store::{INDEX_SHARDS, StoreError};
 pub use terminal::{Outcome, TerminalRule};
 

@@ -1824,7 +1824,12 @@ mod tests {
             let mut parser = EventStreamParser::default();
             let mut ranges = Vec::new();
             parser.feed(input, |event| ranges.push(event.empty_line()));
-            assert_eq!(ranges.first(), Some(&expected), "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                ranges.first(),
+                Some(&expected),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 

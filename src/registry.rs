@@ -103,6 +103,11 @@ impl Registry {
         }
     }
 
+    /// Sends the pending index changes now.
+    pub(crate) async fn flush_index(&self) {
+        self.flush(false).await;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()

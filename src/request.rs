@@ -259,7 +259,8 @@ fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | '-')
 }
 
-fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+/// Returns the decoded value of the query parameter `name`.
+pub(crate) fn query_value(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         (percent_decode(key, true) == name).then(|| percent_decode(value, true))

@@ -16,8 +16,8 @@ use crate::{
     future::{ResponseFuture, StreamRequest},
     layer::Shared,
     request::{
-        IdLookup, InvalidId, StreamId, StreamMetadata, generate_stream_id, sanitize_owner,
-        validate_stream_id,
+        IdLookup, InvalidId, StreamId, StreamMetadata, generate_stream_id, query_value,
+        sanitize_owner, validate_stream_id,
     },
     store::OpenRequest,
 };
@@ -99,6 +99,11 @@ where
             },
         };
 
+        if self.shared.shutdown.begin.is_cancelled() {
+            tracing::debug!(stream_id = %id, "stream request refused: shutting down");
+            return ResponseFuture::ready(shutting_down(config.shutdown_retry));
+        }
+
         let owner = match config.owner_source.lookup(&parts).map(sanitize_owner) {
             None => String::new(),
             Some(Ok(owner)) => owner,
@@ -122,16 +127,18 @@ where
         let id: Arc<str> = id.into();
         parts.extensions.insert(StreamId(id.clone()));
         let claim: Arc<str> = generate_stream_id().into();
+        let last_event_id = last_event_id(&parts, config.event_log.is_some());
         let decision = self.shared.store.open(OpenRequest {
             id: id.clone(),
             owner,
-            last_event_id: last_event_id(&parts.headers),
+            last_event_id: last_event_id.clone(),
             claim: claim.clone(),
             instance: config.instance_id.clone(),
             stream_type: config.stream_type.clone(),
             metadata,
             live_ttl: config.live_ttl(),
             stale_threshold: config.stale_threshold,
+            follow: config.event_log.is_some(),
         });
 
         // The service that was made ready goes into the future; a clone takes its place.
@@ -146,24 +153,49 @@ where
                 shared: self.shared.clone(),
                 id,
                 claim,
+                last_event_id: (!last_event_id.is_empty()).then(|| last_event_id.into()),
             },
         )
     }
 }
 
-/// Returns the request's `Last-Event-ID`, or "" when it is absent or not a
-/// value a browser could have stored (NUL, CR or LF, or too long).
-fn last_event_id(headers: &http::HeaderMap) -> String {
-    let Some(value) = headers.get("last-event-id") else {
+/// Returns the request's last event id: its `Last-Event-ID` header or, when
+/// `query_too` (the event log is on), the query parameter `last_event_id` for
+/// clients that cannot set headers. Returns "" when there is none or it is not
+/// a value a browser could have stored (NUL, CR or LF, or too long).
+fn last_event_id(parts: &http::request::Parts, query_too: bool) -> String {
+    let from_header = parts
+        .headers
+        .get("last-event-id")
+        .map(|value| value.as_bytes().to_vec());
+    let from_query = || {
+        query_too
+            .then(|| query_value(parts.uri.query(), "last_event_id"))
+            .flatten()
+            .map(String::into_bytes)
+    };
+    let Some(bytes) = from_header.or_else(from_query) else {
         return String::new();
     };
-    let bytes = value.as_bytes();
     if bytes.len() > MAX_LAST_EVENT_ID_LEN
         || bytes.iter().any(|b| matches!(b, b'\0' | b'\r' | b'\n'))
     {
         return String::new();
     }
-    String::from_utf8_lossy(bytes).into_owned()
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Builds the 503 answer of a layer that is shutting down.
+fn shutting_down(retry: std::time::Duration) -> Response<Bytes> {
+    let mut response = plain_response(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "server is shutting down; retry on another instance",
+    );
+    let seconds = retry.as_millis().div_ceil(1000).max(1);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds as u64));
+    response
 }
 
 fn bad_request(error: &InvalidId) -> Response<Bytes> {
@@ -233,10 +265,31 @@ mod tests {
 
     #[test]
     fn last_event_id_hygiene() {
-        assert_eq!(last_event_id(&headers(&[("last-event-id", "42")])), "42");
-        assert_eq!(last_event_id(&headers(&[])), "");
+        let parts = |uri: &str, pairs: &[(&str, &str)]| {
+            let mut request = http::Request::get(uri).body(()).unwrap();
+            *request.headers_mut() = headers(pairs);
+            request.into_parts().0
+        };
+        assert_eq!(
+            last_event_id(&parts("/", &[("last-event-id", "42")]), false),
+            "42"
+        );
+        assert_eq!(last_event_id(&parts("/", &[]), false), "");
         let long = "x".repeat(MAX_LAST_EVENT_ID_LEN + 1);
-        assert_eq!(last_event_id(&headers(&[("last-event-id", &long)])), "");
+        assert_eq!(
+            last_event_id(&parts("/", &[("last-event-id", &long)]), false),
+            ""
+        );
+        assert_eq!(last_event_id(&parts("/?last_event_id=7", &[]), true), "7");
+        assert_eq!(last_event_id(&parts("/?last_event_id=7", &[]), false), "");
+        assert_eq!(
+            last_event_id(&parts("/?last_event_id=7", &[("last-event-id", "8")]), true),
+            "8"
+        );
+        assert_eq!(
+            last_event_id(&parts("/?last_event_id=a%0Ab", &[]), true),
+            ""
+        );
         // The http crate rejects NUL, CR and LF in header values before the layer runs.
         assert!(HeaderValue::from_bytes(b"a\0b").is_err());
         assert!(HeaderValue::from_bytes(b"a\rb").is_err());

@@ -26,6 +26,8 @@ static COMPLETE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/complete.lua")));
 static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
+static APPEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/append.lua")));
+static FOLLOW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/follow.lua")));
 static ORPHAN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/orphan.lua")));
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -105,6 +107,7 @@ pub(crate) enum OpenDecision {
     Gone,
     NotFound,
     Live,
+    Follow,
     Claimed,
 }
 
@@ -120,6 +123,9 @@ pub(crate) struct OpenRequest {
     pub metadata: String,
     pub live_ttl: Duration,
     pub stale_threshold: Duration,
+    /// The layer keeps event logs: live streams, and ended ones asked with a
+    /// Last-Event-ID, are followed instead of answered 409 or replayed.
+    pub follow: bool,
 }
 
 /// The end of a stream, to be written once.
@@ -175,6 +181,71 @@ pub(crate) trait Store: Send + Sync + 'static {
         removed: Vec<RefreshEntry>,
         live_ttl: Duration,
     ) -> BoxFuture<Result<Vec<RefreshResult>, StoreError>>;
+    /// Appends events to the logs of several streams. One pipeline.
+    fn append(
+        &self,
+        batches: Vec<AppendBatch>,
+        limits: LogLimits,
+    ) -> BoxFuture<Result<Vec<i64>, StoreError>>;
+    /// Reads the logs of several followers. One pipeline.
+    fn follow(&self, queries: Vec<FollowQuery>) -> BoxFuture<Result<Vec<FollowReply>, StoreError>>;
+}
+
+/// Events of one stream to append to its log.
+#[derive(Clone, Debug)]
+pub(crate) struct AppendBatch {
+    pub id: Arc<str>,
+    pub claim: Arc<str>,
+    pub entries: Vec<LogEntry>,
+}
+
+/// One event in a log.
+#[derive(Clone, Debug)]
+pub(crate) struct LogEntry {
+    pub seq: u64,
+    pub event_id: Option<Arc<str>>,
+    pub event: Bytes,
+    pub terminal: bool,
+}
+
+/// Bounds of every log of a layer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LogLimits {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub ttl: Duration,
+}
+
+/// One follower's read of a log.
+#[derive(Clone, Debug)]
+pub(crate) struct FollowQuery {
+    pub id: Arc<str>,
+    pub cursor: u64,
+    pub seek: Option<Arc<str>>,
+    pub max_entries: usize,
+}
+
+/// A log read for one follower.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FollowReply {
+    /// State of the stream's hash, empty when the hash is gone.
+    pub state: String,
+    /// The recorded terminal event once the stream ended.
+    pub terminal_event: Option<Bytes>,
+    /// Sequence number of the entry with the asked id: `Some(0)` when it is
+    /// not in the log, `None` when no id was asked.
+    pub found: Option<u64>,
+    /// Oldest sequence number in the log, 0 when it is empty.
+    pub first_seq: u64,
+    pub entries: Vec<FollowEntry>,
+}
+
+/// One log entry read by a follower.
+#[derive(Clone, Debug)]
+pub(crate) struct FollowEntry {
+    pub seq: u64,
+    pub event: Bytes,
+    pub terminal: bool,
 }
 
 /// Key names of one key prefix.
@@ -192,6 +263,11 @@ impl Keys {
     /// the id the Redis Cluster hash tag.
     pub(crate) fn stream(&self, id: &str) -> String {
         format!("{}{{{}}}", self.prefix, id)
+    }
+
+    /// Returns the key of a stream's event log: `{prefix}{<id>}:log`.
+    pub(crate) fn log(&self, id: &str) -> String {
+        format!("{}{{{}}}:log", self.prefix, id)
     }
 
     /// Returns the key of one active-index shard: `{prefix}active:{<shard>}`.
@@ -297,12 +373,14 @@ where
 {
     fn open(&self, request: OpenRequest) -> BoxFuture<Result<OpenDecision, StoreError>> {
         let key = self.keys.stream(&request.id);
+        let log_key = self.keys.log(&request.id);
         let mut conn = self.conn.clone();
         let timeout = self.timeout;
         Box::pin(async move {
             let mut invocation = OPEN.prepare_invoke();
             invocation
                 .key(key)
+                .key(log_key)
                 .arg(now_ms())
                 .arg(&request.owner)
                 .arg(&request.last_event_id)
@@ -312,7 +390,8 @@ where
                 .arg(&request.metadata)
                 .arg(millis(request.live_ttl))
                 .arg(&*request.id)
-                .arg(millis(request.stale_threshold));
+                .arg(millis(request.stale_threshold))
+                .arg(if request.follow { "1" } else { "0" });
             let reply: Vec<Value> =
                 match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
                     Ok(result) => result?,
@@ -324,12 +403,14 @@ where
 
     fn complete(&self, completion: Completion) -> BoxFuture<Result<CompleteResult, StoreError>> {
         let key = self.keys.stream(&completion.id);
+        let log_key = self.keys.log(&completion.id);
         let mut conn = self.conn.clone();
         let timeout = self.timeout;
         Box::pin(async move {
             let mut invocation = COMPLETE.prepare_invoke();
             invocation
                 .key(key)
+                .key(log_key)
                 .arg(&*completion.claim)
                 .arg(completion.outcome.as_str())
                 .arg(completion.event.as_ref())
@@ -353,11 +434,12 @@ where
 
     fn release(&self, id: Arc<str>, claim: Arc<str>) -> BoxFuture<Result<bool, StoreError>> {
         let key = self.keys.stream(&id);
+        let log_key = self.keys.log(&id);
         let mut conn = self.conn.clone();
         let timeout = self.timeout;
         Box::pin(async move {
             let mut invocation = RELEASE.prepare_invoke();
-            invocation.key(key).arg(&*claim);
+            invocation.key(key).key(log_key).arg(&*claim);
             match tokio::time::timeout(timeout, invocation.invoke_async::<i64>(&mut conn)).await {
                 Ok(result) => Ok(result? == 1),
                 Err(_) => Err(StoreError::timeout(timeout)),
@@ -382,6 +464,7 @@ where
                 let mut invocation = REFRESH.prepare_invoke();
                 invocation
                     .key(store.keys.stream(&entry.id))
+                    .key(store.keys.log(&entry.id))
                     .arg(now)
                     .arg(ttl_ms)
                     .arg(&*entry.claim);
@@ -442,6 +525,103 @@ where
                 .collect()
         })
     }
+
+    fn append(
+        &self,
+        batches: Vec<AppendBatch>,
+        limits: LogLimits,
+    ) -> BoxFuture<Result<Vec<i64>, StoreError>> {
+        let store = self.clone_store();
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            for batch in &batches {
+                let mut invocation = APPEND.prepare_invoke();
+                invocation
+                    .key(store.keys.stream(&batch.id))
+                    .key(store.keys.log(&batch.id))
+                    .arg(limits.max_events)
+                    .arg(limits.max_bytes)
+                    .arg(millis(limits.ttl))
+                    .arg(&*batch.claim);
+                for entry in &batch.entries {
+                    invocation
+                        .arg(entry.seq)
+                        .arg(entry.event_id.as_deref().unwrap_or(""))
+                        .arg(entry.event.as_ref())
+                        .arg(if entry.terminal { "1" } else { "0" });
+                }
+                pipe.invoke_script(&invocation);
+            }
+            if pipe.is_empty() {
+                return Ok(Vec::new());
+            }
+            let replies = store.query_script_pipeline(&pipe, &[&APPEND]).await?;
+            replies
+                .into_iter()
+                .map(|reply| Ok(redis::from_redis_value::<i64>(reply)?))
+                .collect()
+        })
+    }
+
+    fn follow(&self, queries: Vec<FollowQuery>) -> BoxFuture<Result<Vec<FollowReply>, StoreError>> {
+        let store = self.clone_store();
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            for query in &queries {
+                let mut invocation = FOLLOW.prepare_invoke();
+                invocation
+                    .key(store.keys.stream(&query.id))
+                    .key(store.keys.log(&query.id))
+                    .arg(query.cursor)
+                    .arg(query.seek.as_deref().unwrap_or(""))
+                    .arg(query.max_entries);
+                pipe.invoke_script(&invocation);
+            }
+            if pipe.is_empty() {
+                return Ok(Vec::new());
+            }
+            let replies = store.query_script_pipeline(&pipe, &[&FOLLOW]).await?;
+            replies.into_iter().map(parse_follow_reply).collect()
+        })
+    }
+}
+
+fn parse_follow_reply(reply: Value) -> Result<FollowReply, StoreError> {
+    let values: Vec<Value> = redis::from_redis_value(reply)?;
+    if values.len() < 4 || !(values.len() - 4).is_multiple_of(3) {
+        return Err(StoreError::unexpected(format!(
+            "follow script returned {} values",
+            values.len()
+        )));
+    }
+    let mut values = values.into_iter();
+    let mut next = || values.next().unwrap_or(Value::Nil);
+    let state: String = redis::from_redis_value(next())?;
+    let terminal_event: Vec<u8> = redis::from_redis_value(next())?;
+    let found: i64 = redis::from_redis_value(next())?;
+    let first_seq: u64 = redis::from_redis_value(next())?;
+    let mut reply = FollowReply {
+        state,
+        terminal_event: (!terminal_event.is_empty()).then(|| Bytes::from(terminal_event)),
+        found: u64::try_from(found).ok(),
+        first_seq,
+        entries: Vec::new(),
+    };
+    loop {
+        let seq = next();
+        if seq == Value::Nil {
+            break;
+        }
+        let seq: u64 = redis::from_redis_value(seq)?;
+        let event: Vec<u8> = redis::from_redis_value(next())?;
+        let terminal: String = redis::from_redis_value(next())?;
+        reply.entries.push(FollowEntry {
+            seq,
+            event: Bytes::from(event),
+            terminal: terminal == "1",
+        });
+    }
+    Ok(reply)
 }
 
 fn parse_open_reply(reply: Vec<Value>) -> Result<OpenDecision, StoreError> {
@@ -461,6 +641,7 @@ fn parse_open_reply(reply: Vec<Value>) -> Result<OpenDecision, StoreError> {
         "gone" => OpenDecision::Gone,
         "not_found" => OpenDecision::NotFound,
         "live" => OpenDecision::Live,
+        "follow" => OpenDecision::Follow,
         "claimed" => OpenDecision::Claimed,
         other => {
             return Err(StoreError::unexpected(format!(
@@ -534,6 +715,7 @@ where
             let mut invocation = ORPHAN.prepare_invoke();
             invocation
                 .key(self.keys.stream(&candidate.id))
+                .key(self.keys.log(&candidate.id))
                 .arg(cutoff_ms)
                 .arg(event.as_ref())
                 .arg(event_id)

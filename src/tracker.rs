@@ -10,8 +10,10 @@ use http_body::Body;
 
 use crate::{
     layer::Shared,
+    log::LogWriter,
     parser::EventStreamParser,
     registry::LiveEntry,
+    store::LogEntry,
     store::{CompleteResult, Completion},
     terminal::Outcome,
 };
@@ -27,6 +29,7 @@ pub(crate) enum FailureReason {
     ClientDisconnected,
     DrainTimeout,
     MaxLifetimeExceeded,
+    Shutdown,
 }
 
 impl FailureReason {
@@ -37,6 +40,7 @@ impl FailureReason {
             FailureReason::ClientDisconnected => "client_disconnected",
             FailureReason::DrainTimeout => "drain_timeout",
             FailureReason::MaxLifetimeExceeded => "max_lifetime_exceeded",
+            FailureReason::Shutdown => "shutdown",
         }
     }
 }
@@ -46,6 +50,24 @@ pub(crate) struct Tracker {
     shared: Arc<Shared>,
     entry: Option<LiveEntry>,
     parser: EventStreamParser,
+    log: Option<LogState>,
+}
+
+/// Event log state of one stream.
+struct LogState {
+    writer: Arc<LogWriter>,
+    id: Arc<str>,
+    claim: Arc<str>,
+    /// Number of events dispatched so far: the sequence number of the last one.
+    seq: u64,
+    assign_ids: bool,
+}
+
+/// An `id:` line the body inserts into the current chunk.
+pub(crate) struct Insertion {
+    /// Offset in the chunk where the line goes: the start of an event's empty line.
+    pub offset: usize,
+    pub line: Bytes,
 }
 
 impl Tracker {
@@ -54,10 +76,21 @@ impl Tracker {
     /// event boundaries for heartbeats and records nothing.
     pub(crate) fn new(shared: Arc<Shared>, entry: Option<LiveEntry>) -> Self {
         let parser = EventStreamParser::new(shared.config.max_event_bytes);
+        let log = match (&shared.log, &entry, &shared.config.event_log) {
+            (Some(writer), Some(entry), Some(settings)) => Some(LogState {
+                writer: writer.clone(),
+                id: entry.id().clone(),
+                claim: entry.claim().clone(),
+                seq: 0,
+                assign_ids: settings.assign_ids,
+            }),
+            _ => None,
+        };
         Self {
             shared,
             entry,
             parser,
+            log,
         }
     }
 
@@ -70,24 +103,71 @@ impl Tracker {
         self.parser.is_at_event_boundary()
     }
 
-    /// Scans bytes the inner body sent and records the first terminal event.
-    pub(crate) fn observe(&mut self, bytes: &[u8]) {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Scans a chunk the inner body sent: logs its events, records the first
+    /// terminal event, and returns the `id:` lines to insert when the layer
+    /// assigns ids (empty otherwise).
+    pub(crate) fn observe(&mut self, chunk: &Bytes) -> Vec<Insertion> {
         let rule = &self.shared.config.terminal_rule;
         let look_for_terminal = self.entry.is_some();
         let mut terminal = None;
-        self.parser.feed(bytes, |event| {
-            if look_for_terminal
-                && terminal.is_none()
-                && let Some(outcome) = rule.classify(event)
-            {
-                terminal = Some((
-                    outcome,
-                    Bytes::copy_from_slice(event.raw()),
-                    event.id().map(str::to_owned),
-                    event.is_truncated(),
-                ));
+        let mut insertions = Vec::new();
+        let mut logged = Vec::new();
+        let log = &mut self.log;
+
+        self.parser.feed(chunk, |event| {
+            let outcome = if look_for_terminal && terminal.is_none() {
+                rule.classify(event)
+            } else {
+                None
+            };
+            let mut bytes = None;
+            let mut event_id = event.id().map(Arc::<str>::from);
+
+            if let Some(log) = log.as_mut() {
+                log.seq += 1;
+                if log.assign_ids && event_id.is_none() {
+                    let line = Bytes::from(format!("id: {}\n", log.seq));
+                    let raw = event.raw();
+                    let split = raw.len().saturating_sub(event.empty_line().len());
+                    let mut with_id = Vec::with_capacity(raw.len() + line.len());
+                    with_id.extend_from_slice(&raw[..split]);
+                    with_id.extend_from_slice(&line);
+                    with_id.extend_from_slice(&raw[split..]);
+                    insertions.push(Insertion {
+                        offset: event.empty_line().start,
+                        line,
+                    });
+                    event_id = Some(log.seq.to_string().into());
+                    bytes = Some(Bytes::from(with_id));
+                }
+                let bytes = bytes.get_or_insert_with(|| bytes_of(chunk, event.raw()));
+                // A truncated event would corrupt a replay: it is left out, and
+                // followers see a gap in the sequence instead.
+                if !event.is_truncated() {
+                    logged.push(LogEntry {
+                        seq: log.seq,
+                        event_id: event_id.clone(),
+                        event: bytes.clone(),
+                        terminal: outcome.is_some(),
+                    });
+                }
+            }
+
+            if let Some(outcome) = outcome {
+                let bytes = bytes.unwrap_or_else(|| bytes_of(chunk, event.raw()));
+                terminal = Some((outcome, bytes, event_id, event.is_truncated()));
             }
         });
+
+        if let Some(log) = &self.log {
+            for entry in logged {
+                log.writer.push(&log.id, &log.claim, entry);
+            }
+        }
 
         if let Some((outcome, event, event_id, truncated)) = terminal {
             if truncated {
@@ -97,14 +177,27 @@ impl Tracker {
                     "terminal event is larger than the limit; its first bytes are recorded"
                 );
             }
-            self.record(outcome, event, event_id, None, truncated);
+            self.record(
+                outcome,
+                event,
+                event_id.map(|id| id.to_string()),
+                None,
+                truncated,
+            );
         }
+        insertions
     }
 
     /// Records a failure on the stream's behalf, unless its end is already recorded.
     pub(crate) fn fail(&mut self, reason: FailureReason) {
         if self.entry.is_none() {
             return;
+        }
+        if reason == FailureReason::Shutdown {
+            self.shared
+                .shutdown
+                .failed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         let event = synthetic_event("failed", reason.as_str(), self.stream_id());
         self.record(
@@ -154,6 +247,17 @@ impl Tracker {
     }
 }
 
+/// Returns `part` as `Bytes`: a slice of `chunk` when it lies inside it, else a copy.
+fn bytes_of(chunk: &Bytes, part: &[u8]) -> Bytes {
+    let start = chunk.as_ptr() as usize;
+    let part_start = part.as_ptr() as usize;
+    if part_start >= start && part_start + part.len() <= start + chunk.len() && !part.is_empty() {
+        chunk.slice_ref(part)
+    } else {
+        Bytes::copy_from_slice(part)
+    }
+}
+
 /// Builds a synthetic terminal event: `event: <type>`, `id: _end`, and JSON
 /// data `{"type":<type>,"reason":<reason>,"stream_id":<id>}`.
 pub(crate) fn synthetic_event(event_type: &str, reason: &str, stream_id: &str) -> Bytes {
@@ -175,6 +279,10 @@ const COMPLETION_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Writes a completion, retrying transient errors, then leaves the registry.
 async fn write_completion(shared: Arc<Shared>, completion: Completion, entry: LiveEntry) {
+    if let Some(log) = &shared.log {
+        log.flushed(&completion.id, shared.config.redis_timeout * 2)
+            .await;
+    }
     let mut backoff = COMPLETION_FIRST_BACKOFF;
     for attempt in 1..=COMPLETION_ATTEMPTS {
         match shared.store.complete(completion.clone()).await {
@@ -269,9 +377,18 @@ async fn drain<B>(
     } else {
         (drain_deadline, FailureReason::DrainTimeout)
     };
+    let forced = tracker.shared.shutdown.force.clone();
     while !tracker.is_finished() {
         let next = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx));
-        match tokio::time::timeout_at(deadline, next).await {
+        let result = tokio::select! {
+            result = tokio::time::timeout_at(deadline, next) => result,
+            _ = forced.cancelled() => {
+                tracing::warn!(stream_id = %stream_id, "shutdown grace period over before a terminal event");
+                tracker.fail(FailureReason::Shutdown);
+                break;
+            }
+        };
+        match result {
             Ok(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     tracker.observe(data);

@@ -1,5 +1,6 @@
 -- Records the end of a stream held by the caller, at most once per claim.
 -- KEYS[1]  the stream's hash
+-- KEYS[2]  the stream's event log
 -- ARGV[1]  claim token of the caller
 -- ARGV[2]  final state: "completed" or "failed"
 -- ARGV[3]  terminal event bytes, as the client received them or as synthesized
@@ -28,4 +29,5 @@ redis.call('HSET', KEYS[1],
   'truncated', ARGV[6],
   'finished_at', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
+redis.call('PEXPIRE', KEYS[2], ARGV[8])
 return 1

@@ -1,5 +1,6 @@
 -- Decides what to do with a request for one stream, in one round trip.
 -- KEYS[1]  the stream's hash ({prefix}{<id>})
+-- KEYS[2]  the stream's event log ({prefix}{<id>}:log)
 -- ARGV[1]  now, milliseconds since the Unix epoch
 -- ARGV[2]  owner of the request ("" when none)
 -- ARGV[3]  Last-Event-ID of the request ("" when none)
@@ -10,11 +11,14 @@
 -- ARGV[8]  TTL of a live stream's hash, milliseconds
 -- ARGV[9]  stream id
 -- ARGV[10] stale threshold of the claiming layer, milliseconds
+-- ARGV[11] "1" when the caller keeps event logs and serves followers, else "0"
 -- Returns one of:
 --   {"replay", terminal_event_bytes}  a finished stream whose owner matches
 --   {"gone"}                          a finished stream whose terminal id equals Last-Event-ID
 --   {"not_found"}                     a stream of another owner
---   {"live"}                          a stream held by another request
+--   {"live"}                          a stream held by another request (no event log)
+--   {"follow"}                        a live stream, or an ended one asked with Last-Event-ID,
+--                                     to be served from its event log
 --   {"claimed"}                       the caller now holds the stream
 
 local fields = redis.call('HMGET', KEYS[1], 'state', 'owner', 'terminal_event', 'terminal_id')
@@ -24,18 +28,25 @@ if state then
   if owner and owner ~= '' and owner ~= ARGV[2] then
     return {'not_found'}
   end
+  local follow = ARGV[11] == '1'
   if state == 'active' then
+    if follow then
+      return {'follow'}
+    end
     return {'live'}
   end
   if terminal_event then
     if ARGV[3] ~= '' and terminal_id and terminal_id == ARGV[3] then
       return {'gone'}
     end
+    if follow and ARGV[3] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
+      return {'follow'}
+    end
     return {'replay', terminal_event}
   end
 end
 
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1],
   'id', ARGV[9],
   'state', 'active',

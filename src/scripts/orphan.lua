@@ -4,6 +4,7 @@
 -- applies, so a guardian configured shorter never orphans a stream whose layer
 -- refreshes it less often.
 -- KEYS[1]  the stream's hash
+-- KEYS[2]  the stream's event log
 -- ARGV[1]  cutoff: refreshes at or before this time (ms since the Unix epoch) are stale
 -- ARGV[2]  synthetic terminal event bytes
 -- ARGV[3]  id of the synthetic terminal event
@@ -32,4 +33,5 @@ redis.call('HSET', KEYS[1],
   'truncated', '0',
   'finished_at', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
 return 1

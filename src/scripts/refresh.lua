@@ -1,5 +1,6 @@
 -- Marks one live stream as fresh. Sent in a pipeline for every live stream of a process each tick.
 -- KEYS[1]  the stream's hash
+-- KEYS[2]  the stream's event log
 -- ARGV[1]  now, milliseconds since the Unix epoch
 -- ARGV[2]  TTL of a live stream's hash, milliseconds
 -- ARGV[3]  claim token of the caller
@@ -15,4 +16,5 @@ if fields[1] ~= 'active' or fields[2] ~= ARGV[3] then
 end
 redis.call('HSET', KEYS[1], 'last_refresh', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
