@@ -8,7 +8,7 @@
 //!
 //! Environment: `ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (default
 //! `redis://127.0.0.1:6379`), `HEARTBEAT_SECS` (15), `STALE_SECS` (30),
-//! `GUARDIAN_SECS` (30), `RUST_LOG` (`info`).
+//! `GUARDIAN_SECS` (30), `SHUTDOWN_GRACE_SECS` (10), `RUST_LOG` (`info`).
 
 use std::{
     convert::Infallible,
@@ -32,7 +32,7 @@ use axum::{
 };
 use futures_util::stream::{self, Stream};
 use serde_json::json;
-use sse_resilience::{SseResilienceLayer, StreamGuardian, StreamId, StreamIdSource};
+use sse_resilience::{EventLog, SseResilienceLayer, StreamGuardian, StreamId, StreamIdSource};
 use tokio_util::sync::CancellationToken;
 
 const WORDS: &[&str] = &[
@@ -66,6 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let heartbeat = Duration::from_secs(env_secs("HEARTBEAT_SECS", 15)?);
     let stale = Duration::from_secs(env_secs("STALE_SECS", 30)?);
     let sweep = Duration::from_secs(env_secs("GUARDIAN_SECS", 30)?);
+    let grace = Duration::from_secs(env_secs("SHUTDOWN_GRACE_SECS", 10)?);
 
     let client = redis::Client::open(redis_url.as_str())
         .map_err(|e| format!("invalid REDIS_URL {redis_url:?}: {e}"))?;
@@ -82,7 +83,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .stream_id_source(StreamIdSource::path_segment("/api/stream/"))
         .stream_type("generation")
         .heartbeat_interval(heartbeat)
-        .stale_threshold(stale);
+        .stale_threshold(stale)
+        .event_log(EventLog::new());
+    let streams = layer.shutdown_handle();
 
     let shutdown = CancellationToken::new();
     let guardian = tokio::spawn(
@@ -97,7 +100,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/healthz", get(healthz))
         .route("/api/stream/{id}", get(generate))
         .route("/api/stream/", get(generate))
-        .layer(layer.clone())
+        .layer(layer)
         .with_state(AppState::default());
 
     let listener = tokio::net::TcpListener::bind(addr)
@@ -110,25 +113,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sweep.as_secs()
     );
 
+    // On Ctrl-C or SIGTERM the layer refuses new streams, sends live clients a
+    // retry hint (they resume on another instance from the event log), and
+    // gives unfinished generations the grace period; the server then stops.
+    let (report_tx, report_rx) = tokio::sync::oneshot::channel();
     let stop = shutdown.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             wait_for_signal().await;
-            tracing::info!("shutting down: waiting for live streams to finish");
+            let report = streams.shutdown(grace).await;
+            let _ = report_tx.send(report);
             stop.cancel();
         })
         .await?;
     guardian.await?;
-
-    // The end of each stream is written by a background task: give the last
-    // ones a moment to reach Redis before the runtime stops.
-    for _ in 0..100 {
-        if layer.live_streams() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if let Ok(report) = report_rx.await {
+        tracing::info!(?report, "demo stopped");
     }
-    tracing::info!(unfinished = layer.live_streams(), "demo stopped");
     Ok(())
 }
 

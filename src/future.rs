@@ -2,6 +2,7 @@
 
 use std::{
     fmt,
+    time::Duration,
     future::Future,
     pin::Pin,
     sync::Arc,
@@ -18,7 +19,7 @@ use crate::{
     body::{FollowStream, ResilientBody},
     layer::Shared,
     registry::LiveEntry,
-    service::{STREAM_ID_HEADER, is_event_stream, plain_response},
+    service::{STREAM_ID_HEADER, is_event_stream, plain_response, shutting_down},
     store::{BoxFuture, OpenDecision, StoreError},
     tracker::Tracker,
 };
@@ -79,6 +80,9 @@ pin_project! {
             future: F,
             stream: Option<StreamRequest>,
             entry: Option<LiveEntry>,
+            // During a shutdown: an event-stream response is replaced by 503
+            // with this Retry-After; other responses pass through.
+            refuse_event_stream: Option<Duration>,
         },
         Ready {
             response: Option<Response<ReadyBody>>,
@@ -105,6 +109,20 @@ where
                 future,
                 stream: None,
                 entry: None,
+                refuse_event_stream: None,
+            },
+        }
+    }
+
+    /// Creates the future of a stream request during a shutdown: the request
+    /// reaches the inner service unclaimed, and a new event stream is refused.
+    pub(crate) fn refusing_event_streams(future: S::Future, retry: Duration) -> Self {
+        Self {
+            state: State::Calling {
+                future,
+                stream: None,
+                entry: None,
+                refuse_event_stream: Some(retry),
             },
         }
     }
@@ -194,16 +212,24 @@ where
                         future,
                         stream: Some(stream_request),
                         entry,
+                        refuse_event_stream: None,
                     });
                 }
                 StateProj::Calling {
                     future,
                     stream,
                     entry,
+                    refuse_event_stream,
                 } => {
                     let result = ready!(future.poll(cx));
                     let stream = stream.take();
                     let entry = entry.take();
+                    if let (Some(retry), Ok(response)) = (*refuse_event_stream, &result)
+                        && is_event_stream(response.headers())
+                    {
+                        tracing::debug!("new event stream refused: shutting down");
+                        return Poll::Ready(Ok(shutting_down(retry).map(ResilientBody::full)));
+                    }
                     return Poll::Ready(match result {
                         Ok(response) => Ok(wrap_response(response, stream, entry)),
                         Err(error) => {

@@ -2,6 +2,7 @@
 
 use std::{
     fmt,
+    sync::atomic::Ordering,
     sync::Arc,
     task::{Context, Poll},
 };
@@ -99,9 +100,17 @@ where
             },
         };
 
-        if self.shared.shutdown.begin.is_cancelled() {
-            tracing::debug!(stream_id = %id, "stream request refused: shutting down");
-            return ResponseFuture::ready(shutting_down(config.shutdown_retry));
+        if self.shared.shutdown.begun.load(Ordering::Relaxed) {
+            // A request that asks for an event stream (as EventSource does) is
+            // refused at once. Any other goes to the inner service unclaimed,
+            // and only an event-stream response is replaced by the 503.
+            if accepts_event_stream(&parts.headers) {
+                return ResponseFuture::ready(shutting_down(config.shutdown_retry));
+            }
+            return ResponseFuture::refusing_event_streams(
+                self.inner.call(Request::from_parts(parts, body)),
+                config.shutdown_retry,
+            );
         }
 
         let owner = match config.owner_source.lookup(&parts).map(sanitize_owner) {
@@ -186,7 +195,7 @@ fn last_event_id(parts: &http::request::Parts, query_too: bool) -> String {
 }
 
 /// Builds the 503 answer of a layer that is shutting down.
-fn shutting_down(retry: std::time::Duration) -> Response<Bytes> {
+pub(crate) fn shutting_down(retry: std::time::Duration) -> Response<Bytes> {
     let mut response = plain_response(
         http::StatusCode::SERVICE_UNAVAILABLE,
         "server is shutting down; retry on another instance",
@@ -211,6 +220,19 @@ pub(crate) fn plain_response(status: http::StatusCode, text: &str) -> Response<B
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+/// Returns true when the `Accept` header lists `text/event-stream`.
+fn accepts_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| {
+            let essence = item.split(';').next().unwrap_or_default().trim();
+            essence.eq_ignore_ascii_case("text/event-stream")
+        })
 }
 
 /// Returns true when a `Content-Type` is `text/event-stream`, compared
