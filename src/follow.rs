@@ -48,6 +48,9 @@ struct Follower {
     cursor: u64,
     seek: Option<Arc<str>>,
     seek_deadline: Instant,
+    /// Set when the follower first sees that the stream ended before all of its
+    /// events were read: the last appends may still be on their way.
+    end_deadline: Option<Instant>,
     tx: mpsc::Sender<FollowMessage>,
 }
 
@@ -93,6 +96,7 @@ impl FollowPoller {
                     last_event_id,
                     cursor: 0,
                     seek_deadline: Instant::now() + SEEK_PATIENCE,
+                    end_deadline: None,
                     tx,
                 },
             );
@@ -217,6 +221,14 @@ impl Follower {
         }
 
         if !live {
+            // Events logged before the end may still be on their way to Redis:
+            // wait for them, for a bounded time.
+            if self.cursor < reply.log_seq {
+                let deadline = *self.end_deadline.get_or_insert(now + SEEK_PATIENCE);
+                if now < deadline {
+                    return false;
+                }
+            }
             // The log has no terminal entry (the layer or a guardian recorded the
             // end), or the hash is gone: send the recorded end, then stop.
             if let Some(event) = reply.terminal_event {

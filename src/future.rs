@@ -2,11 +2,11 @@
 
 use std::{
     fmt,
-    time::Duration,
     future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::Bytes;

@@ -2,8 +2,8 @@
 
 use std::{
     fmt,
-    sync::atomic::Ordering,
     sync::Arc,
+    sync::atomic::Ordering,
     task::{Context, Poll},
 };
 

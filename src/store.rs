@@ -139,6 +139,8 @@ pub(crate) struct Completion {
     pub reason: Option<&'static str>,
     pub truncated: bool,
     pub ttl: Duration,
+    /// Sequence number of the stream's last logged event, 0 without a log.
+    pub log_seq: u64,
 }
 
 /// Result of the complete script.
@@ -237,6 +239,8 @@ pub(crate) struct FollowReply {
     pub found: Option<u64>,
     /// Oldest sequence number in the log, 0 when it is empty.
     pub first_seq: u64,
+    /// Sequence number of the stream's last event once it ended, else 0.
+    pub log_seq: u64,
     pub entries: Vec<FollowEntry>,
 }
 
@@ -418,7 +422,8 @@ where
                 .arg(completion.reason.unwrap_or(""))
                 .arg(if completion.truncated { "1" } else { "0" })
                 .arg(now_ms())
-                .arg(millis(completion.ttl));
+                .arg(millis(completion.ttl))
+                .arg(completion.log_seq);
             let reply: i64 =
                 match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
                     Ok(result) => result?,
@@ -588,7 +593,7 @@ where
 
 fn parse_follow_reply(reply: Value) -> Result<FollowReply, StoreError> {
     let values: Vec<Value> = redis::from_redis_value(reply)?;
-    if values.len() < 4 || !(values.len() - 4).is_multiple_of(3) {
+    if values.len() < 5 || !(values.len() - 5).is_multiple_of(3) {
         return Err(StoreError::unexpected(format!(
             "follow script returned {} values",
             values.len()
@@ -600,11 +605,13 @@ fn parse_follow_reply(reply: Value) -> Result<FollowReply, StoreError> {
     let terminal_event: Vec<u8> = redis::from_redis_value(next())?;
     let found: i64 = redis::from_redis_value(next())?;
     let first_seq: u64 = redis::from_redis_value(next())?;
+    let log_seq: u64 = redis::from_redis_value(next())?;
     let mut reply = FollowReply {
         state,
         terminal_event: (!terminal_event.is_empty()).then(|| Bytes::from(terminal_event)),
         found: u64::try_from(found).ok(),
         first_seq,
+        log_seq,
         entries: Vec::new(),
     };
     loop {

@@ -233,6 +233,7 @@ impl Tracker {
             reason,
             truncated,
             ttl: self.shared.config.completion_ttl,
+            log_seq: self.log.as_ref().map_or(0, |log| log.seq),
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {

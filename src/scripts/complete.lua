@@ -9,6 +9,7 @@
 -- ARGV[6]  "1" when the terminal event bytes were truncated, else "0"
 -- ARGV[7]  now, milliseconds since the Unix epoch
 -- ARGV[8]  completion TTL, milliseconds
+-- ARGV[9]  sequence number of the stream's last event, 0 without an event log
 -- Returns 1 when recorded, 0 when this claim already recorded an end, -1 when the
 -- hash is gone or belongs to another claim.
 
@@ -27,7 +28,8 @@ redis.call('HSET', KEYS[1],
   'terminal_id', ARGV[4],
   'reason', ARGV[5],
   'truncated', ARGV[6],
-  'finished_at', ARGV[7])
+  'finished_at', ARGV[7],
+  'log_seq', ARGV[9])
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
 return 1
