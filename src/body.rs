@@ -397,8 +397,8 @@ impl FollowStream {
         }
     }
 
-    /// Every point between two log entries is an event boundary, so heartbeats
-    /// and the shutdown hint go out whenever they are due.
+    /// Polls the next frame. Every point between two log entries is an event
+    /// boundary, so heartbeats and the shutdown hint go out whenever they are due.
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame<Bytes>>> {
         loop {
             if self.ended {

@@ -48,7 +48,7 @@ struct Follower {
     cursor: u64,
     seek: Option<Arc<str>>,
     seek_deadline: Instant,
-    /// Set when the follower first sees that the stream ended before all of its
+    /// Set when the follower first finds that the stream ended before all of its
     /// events were read: the last appends may still be on their way.
     end_deadline: Option<Instant>,
     tx: mpsc::Sender<FollowMessage>,
@@ -249,8 +249,8 @@ impl Follower {
     }
 }
 
-/// Builds the event that tells a client some events are missing before the
-/// ones that follow: `event: gap` with JSON data, and no id.
+/// Builds the event that informs a client that events are missing before
+/// the ones that follow: `event: gap` with JSON data, and no id.
 pub(crate) fn gap_event(stream_id: &str, last_event_id: Option<&str>, reason: &str) -> Bytes {
     let data = serde_json::json!({
         "type": "gap",

@@ -48,7 +48,7 @@ pin_project! {
     {
         fn drop(this: Pin<&mut Self>) {
             // A request dropped before its response (the client went away) must not
-            // leave its claim behind, or the id would answer 409 until the TTL runs out.
+            // leave its claim behind, or requests for the id would get 409 until the TTL runs out.
             match this.project().state.project() {
                 StateProj::Deciding { decision, stream, .. } => {
                     if let (Some(decision), Some(stream)) = (decision.take(), stream.take()) {
@@ -227,7 +227,7 @@ where
                     if let (Some(retry), Ok(response)) = (*refuse_event_stream, &result)
                         && is_event_stream(response.headers())
                     {
-                        tracing::debug!("new event stream refused: shutting down");
+                        tracing::debug!("event-stream response replaced by 503: shutting down");
                         return Poll::Ready(Ok(shutting_down(retry).map(ResilientBody::full)));
                     }
                     return Poll::Ready(match result {

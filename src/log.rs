@@ -190,7 +190,7 @@ impl LogWriter {
 
     /// Waits until the queued appends of stream `id` were sent, or `timeout`
     /// passed. The end of a stream is recorded after this, so a follower that
-    /// sees the end has already seen every logged event.
+    /// reads the end has already read every logged event.
     pub(crate) async fn flushed(&self, id: &str, timeout: Duration) {
         let wait = async {
             loop {

@@ -101,7 +101,7 @@ where
         };
 
         if self.shared.shutdown.begun.load(Ordering::Relaxed) {
-            // A request that asks for an event stream (as EventSource does) is
+            // A request that accepts an event stream (as EventSource does) is
             // refused at once. Any other goes to the inner service unclaimed,
             // and only an event-stream response is replaced by the 503.
             if accepts_event_stream(&parts.headers) {
@@ -194,7 +194,7 @@ fn last_event_id(parts: &http::request::Parts, query_too: bool) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// Builds the 503 answer of a layer that is shutting down.
+/// Builds the 503 response of a layer that is shutting down.
 pub(crate) fn shutting_down(retry: std::time::Duration) -> Response<Bytes> {
     let mut response = plain_response(
         http::StatusCode::SERVICE_UNAVAILABLE,

@@ -77,13 +77,13 @@ impl ShutdownHandle {
 
     /// Shuts the layer down and returns when no stream of it is live.
     ///
-    /// From the call on, new stream requests get 503 with `Retry-After`, and
-    /// every live response gets a `retry:` hint at its next event boundary and
-    /// ends, so its client reconnects (to another instance, which can resume it
-    /// from the event log). The inner bodies keep being read for up to `grace`;
-    /// those still unfinished then are recorded as failed with reason
-    /// `shutdown`. The method then waits up to 5 s more for those records, and
-    /// for pending log appends, to reach Redis.
+    /// From the call on, new stream requests get 503 with `Retry-After`. Every
+    /// live response gets a `retry:` hint at its next event boundary and ends,
+    /// so its client reconnects, ideally to another instance, which can resume
+    /// it from the event log. The inner bodies keep being read for up to
+    /// `grace`, and those still unfinished then are recorded as failed with
+    /// reason `shutdown`. The method then waits up to 5 s more for those
+    /// records, and for pending log appends, to reach Redis.
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let shared = &self.shared;
         let live_at_start = shared.registry.live_count();
