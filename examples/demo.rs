@@ -121,6 +121,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             wait_for_signal().await;
+            tokio::spawn(async {
+                wait_for_signal().await;
+                tracing::warn!("second signal: exiting without waiting for the grace period");
+                std::process::exit(130);
+            });
             let report = streams.shutdown(grace).await;
             let _ = report_tx.send(report);
             stop.cancel();

@@ -98,6 +98,12 @@ pub(crate) fn require_non_zero(setting: &str, value: Duration) {
     );
 }
 
+/// Returns true for the repeats of an error worth a log line: the 1st, 2nd,
+/// 4th, 8th and so on, so an outage of any length logs a few lines.
+pub(crate) fn worth_logging(repeat: u64) -> bool {
+    repeat.is_power_of_two()
+}
+
 /// Builds the `retry:` hint sent to live clients during a shutdown.
 pub(crate) fn retry_frame(delay: Duration) -> Bytes {
     Bytes::from(format!("retry: {}\n\n", delay.as_millis()))

@@ -10,7 +10,7 @@ use std::{
 use tokio::sync::Notify;
 
 use crate::{
-    config::require_non_zero,
+    config::{require_non_zero, worth_logging},
     store::{AppendBatch, LogEntry, LogLimits, Store},
 };
 
@@ -62,14 +62,14 @@ impl EventLog {
     }
 
     /// Sets the maximum number of events kept per stream; older ones are
-    /// trimmed. Default: 10,000.
+    /// trimmed. Default: 10,000. Zero is taken as 1.
     pub fn max_events(mut self, events: usize) -> Self {
         self.max_events = events.max(1);
         self
     }
 
     /// Sets the maximum bytes of events kept per stream; older ones are
-    /// trimmed. Default: 16 MiB.
+    /// trimmed. Default: 16 MiB. Zero is taken as 1.
     pub fn max_bytes(mut self, bytes: usize) -> Self {
         self.max_bytes = bytes.max(1);
         self
@@ -98,7 +98,8 @@ impl EventLog {
 
     /// Sets the maximum bytes of appends that wait for Redis, for all streams
     /// of the layer together. Default: 64 MiB. Events past it are not logged,
-    /// and a client that resumes across them gets a gap event.
+    /// and a client that resumes across them gets a gap event; zero logs
+    /// nothing.
     pub fn max_pending_bytes(mut self, bytes: usize) -> Self {
         self.max_pending_bytes = bytes;
         self
@@ -129,6 +130,8 @@ struct WriterState {
     in_flight: bool,
     running: bool,
     dropped_since_warning: u64,
+    /// Append pipelines that failed in a row, to rate-limit their warnings.
+    failures: u64,
 }
 
 /// Wait before a failed append is retried.
@@ -251,6 +254,10 @@ impl LogWriter {
 
         match self.store.append(batches.clone(), self.limits).await {
             Ok(results) => {
+                let failed_before = std::mem::take(&mut self.lock().failures);
+                if failed_before > 0 {
+                    tracing::info!(failed_before, "appending to event logs works again");
+                }
                 for (batch, added) in batches.iter().zip(results) {
                     if added < 0 {
                         tracing::debug!(stream_id = %batch.id, "log append skipped: the stream is no longer held by this claim");
@@ -259,9 +266,17 @@ impl LogWriter {
                 self.finish_flush(bytes);
             }
             Err(error) => {
-                tracing::warn!(%error, streams = batches.len(), "appending to event logs failed; retrying");
                 {
                     let mut state = self.lock();
+                    state.failures += 1;
+                    if worth_logging(state.failures) {
+                        tracing::warn!(
+                            %error,
+                            streams = batches.len(),
+                            repeat = state.failures,
+                            "appending to event logs failed; retrying"
+                        );
+                    }
                     for mut batch in batches {
                         if let Some(newer) = state.pending.remove(&batch.id) {
                             batch.entries.extend(newer.entries);

@@ -13,7 +13,10 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::store::{RefreshEntry, RefreshResult, Store, shard_of};
+use crate::{
+    config::worth_logging,
+    store::{RefreshEntry, RefreshResult, Store, shard_of},
+};
 
 /// The live streams of one layer.
 pub(crate) struct Registry {
@@ -22,6 +25,8 @@ pub(crate) struct Registry {
     live_ttl: Duration,
     state: Mutex<State>,
     wake: Arc<Notify>,
+    /// Refresh pipelines that failed in a row, to rate-limit their warnings.
+    failures: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -54,6 +59,7 @@ impl Registry {
             live_ttl,
             state: Mutex::new(State::default()),
             wake: Arc::new(Notify::new()),
+            failures: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -163,10 +169,20 @@ impl Registry {
                         ),
                     }
                 }
+                let failed_before = self.failures.swap(0, std::sync::atomic::Ordering::Relaxed);
+                if failed_before > 0 {
+                    tracing::info!(failed_before, "refreshing live streams works again");
+                }
                 tracing::trace!(streams = count, "refreshed live streams");
             }
             Err(error) => {
-                tracing::warn!(%error, streams = count, "refreshing live streams failed; retrying next tick");
+                let repeat = self
+                    .failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                if worth_logging(repeat) {
+                    tracing::warn!(%error, streams = count, repeat, "refreshing live streams failed; retrying next tick");
+                }
                 // Index changes are kept for the next attempt.
                 let mut state = self.lock();
                 state.added.extend(added);

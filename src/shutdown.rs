@@ -52,12 +52,18 @@ pub struct ShutdownHandle {
 /// Summary of a graceful shutdown.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Streams of this layer that were live when the shutdown started.
+    /// Streams this layer was producing when the shutdown started. Followers
+    /// (responses served from an event log) are not counted; they get the
+    /// retry hint and end at once.
     pub live_at_start: usize,
     /// Of those, streams that ended on their own during the grace period.
     pub finished: usize,
-    /// Streams recorded as failed with reason `shutdown` after the grace period.
+    /// Streams the layer ended as failed with reason `shutdown` after the grace
+    /// period. Their records are written with retries; see `unrecorded`.
     pub failed: usize,
+    /// Streams whose end had not reached Redis when the shutdown returned
+    /// (Redis down or slow). Guardians mark them orphaned later.
+    pub unrecorded: usize,
 }
 
 /// Extra time after the grace period for the last records to reach Redis.
@@ -75,7 +81,8 @@ impl ShutdownHandle {
         self.shared.shutdown.begin.is_cancelled()
     }
 
-    /// Shuts the layer down and returns when no stream of it is live.
+    /// Shuts the layer down and returns when no stream of it is live, or when
+    /// the waits below run out.
     ///
     /// From the call on, new stream requests get 503 with `Retry-After`. Every
     /// live response gets a `retry:` hint at its next event boundary and ends,
@@ -83,7 +90,10 @@ impl ShutdownHandle {
     /// it from the event log. The inner bodies keep being read for up to
     /// `grace`, and those still unfinished then are recorded as failed with
     /// reason `shutdown`. The method then waits up to 5 s more for those
-    /// records, and for pending log appends, to reach Redis.
+    /// records and up to 5 s more for pending log appends to reach Redis, so
+    /// it returns at most `grace` plus 10 s after the call. Streams whose end
+    /// has not reached Redis by then are counted in
+    /// [`ShutdownReport::unrecorded`].
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let shared = &self.shared;
         let live_at_start = shared.registry.live_count();
@@ -114,8 +124,9 @@ impl ShutdownHandle {
         }
         let report = ShutdownReport {
             live_at_start,
-            finished: live_at_start.saturating_sub(failed + still_live),
+            finished: live_at_start.saturating_sub(failed),
             failed,
+            unrecorded: still_live,
         };
         tracing::info!(?report, "shutdown finished");
         report

@@ -774,3 +774,28 @@ async fn invalid_id_resume_rejected() {
     assert_eq!(by_header.status(), 400);
     assert_eq!(server.scripted.calls(), 0);
 }
+
+#[tokio::test]
+async fn missing_log_reports_gap_then_end() {
+    let prefix = unique_prefix("resume_missing_log");
+    let server = TestServer::start(log_layer(&prefix, fast_log()).await).await;
+    let events = run_events(20);
+    run_to_end(&server, &prefix, "m1", &events).await;
+
+    // The hash outlives its log, as after an eviction.
+    let mut conn = redis().await;
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}{{m1}}:log"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let mut resumed = get_with(&server, "/sse?stream_id=m1", &[("last-event-id", "10")]).await;
+    assert_eq!(resumed.status(), 200);
+    let received = strip_heartbeats(&read_to_end(&mut resumed).await);
+    let parsed = parse_events(&received);
+    assert_eq!(parsed.len(), 2, "events {}", show(&received));
+    assert_gap(&parsed[0], "m1", "10", "unknown_id");
+    assert_eq!(parsed[1].event_type, "completed");
+    assert_eq!(server.scripted.calls(), 1);
+}

@@ -39,7 +39,8 @@ if state then
     if ARGV[3] ~= '' and terminal_id and terminal_id == ARGV[3] then
       return {'gone'}
     end
-    if follow and ARGV[3] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
+    -- Without its log (expired or evicted) the follower reports the gap, then the end.
+    if follow and ARGV[3] ~= '' then
       return {'follow'}
     end
     return {'replay', terminal_event}
