@@ -28,6 +28,10 @@ pub const DEFAULT_KEY_PREFIX: &str = "sse:";
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default reconnection delay suggested to clients during a shutdown.
 pub const DEFAULT_SHUTDOWN_RETRY: Duration = Duration::from_secs(1);
+/// Default time during which the end of a stream is retried while Redis fails.
+pub const DEFAULT_COMPLETION_RETRY_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// Default maximum number of stream ends waiting for Redis, per layer.
+pub const DEFAULT_MAX_PENDING_COMPLETIONS: usize = 10_000;
 /// Default stream type stored in the registry.
 pub const DEFAULT_STREAM_TYPE: &str = "sse";
 
@@ -50,6 +54,9 @@ pub(crate) struct Config {
     pub max_event_bytes: usize,
     pub event_log: Option<EventLog>,
     pub shutdown_retry: Duration,
+    pub completion_retry_window: Duration,
+    pub max_pending_completions: usize,
+    pub fail_closed: bool,
 }
 
 impl Default for Config {
@@ -71,6 +78,9 @@ impl Default for Config {
             max_event_bytes: crate::parser::DEFAULT_MAX_EVENT_BYTES,
             event_log: None,
             shutdown_retry: DEFAULT_SHUTDOWN_RETRY,
+            completion_retry_window: DEFAULT_COMPLETION_RETRY_WINDOW,
+            max_pending_completions: DEFAULT_MAX_PENDING_COMPLETIONS,
+            fail_closed: false,
         }
     }
 }

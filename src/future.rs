@@ -19,7 +19,9 @@ use crate::{
     body::{FollowStream, ResilientBody},
     layer::Shared,
     registry::LiveEntry,
-    service::{STREAM_ID_HEADER, is_event_stream, plain_response, shutting_down},
+    service::{
+        STREAM_ID_HEADER, is_event_stream, plain_response, service_unavailable, shutting_down,
+    },
     store::{BoxFuture, OpenDecision, StoreError},
     tracker::Tracker,
 };
@@ -188,6 +190,25 @@ where
                         }
                         Ok(other) => {
                             let response = answer_from_store(other, &stream_request);
+                            this.state.set(State::Ready {
+                                response: Some(response.map(ReadyBody::Full)),
+                            });
+                            continue;
+                        }
+                        Err(error) if stream_request.shared.config.fail_closed => {
+                            tracing::warn!(
+                                stream_id = %stream_request.id,
+                                %error,
+                                "redis unavailable; stream request refused (fail closed)"
+                            );
+                            if error.is_timeout() {
+                                release(&stream_request, None);
+                            }
+                            let retry = stream_request.shared.config.shutdown_retry;
+                            let response = service_unavailable(
+                                "stream registry unavailable; retry later",
+                                retry,
+                            );
                             this.state.set(State::Ready {
                                 response: Some(response.map(ReadyBody::Full)),
                             });

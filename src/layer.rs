@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     pub(crate) follow: Option<Arc<FollowPoller>>,
     pub(crate) shutdown: ShutdownSignal,
     pub(crate) retry_frame: Bytes,
+    /// Stream ends being written or retried now.
+    pub(crate) pending_completions: std::sync::atomic::AtomicUsize,
 }
 
 impl SseResilienceLayer {
@@ -261,6 +263,36 @@ impl SseResilienceLayer {
         self.changed()
     }
 
+    /// Sets how long the end of a stream is retried while Redis fails, with a
+    /// backoff of up to 5 s between attempts. Default: 5 minutes. An end not
+    /// written by then is left to the guardians, which mark the stream
+    /// orphaned.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
+    pub fn completion_retry_window(mut self, window: Duration) -> Self {
+        require_non_zero("completion_retry_window", window);
+        self.config.completion_retry_window = window;
+        self.changed()
+    }
+
+    /// Sets how many stream ends may wait for Redis at once, for the whole
+    /// layer. Default: 10,000. Past it, a new end is not retried: it is left
+    /// to the guardians, and an error is logged.
+    pub fn max_pending_completions(mut self, max: usize) -> Self {
+        self.config.max_pending_completions = max;
+        self.changed()
+    }
+
+    /// Answers stream requests with 503 and `Retry-After` when Redis fails or
+    /// times out, instead of serving the stream untracked (fail open, the
+    /// default). Responses that are not streams are not affected.
+    pub fn fail_closed(mut self, fail_closed: bool) -> Self {
+        self.config.fail_closed = fail_closed;
+        self.changed()
+    }
+
     /// Returns the handle that shuts this layer down gracefully.
     ///
     /// Take it after the last builder call: a builder call afterwards starts
@@ -312,6 +344,7 @@ impl SseResilienceLayer {
                     follow,
                     shutdown: ShutdownSignal::default(),
                     retry_frame: retry_frame(self.config.shutdown_retry),
+                    pending_completions: std::sync::atomic::AtomicUsize::new(0),
                 })
             })
             .clone()

@@ -196,10 +196,13 @@ fn last_event_id(parts: &http::request::Parts, query_too: bool) -> String {
 
 /// Builds the 503 response of a layer that is shutting down.
 pub(crate) fn shutting_down(retry: std::time::Duration) -> Response<Bytes> {
-    let mut response = plain_response(
-        http::StatusCode::SERVICE_UNAVAILABLE,
-        "server is shutting down; retry on another instance",
-    );
+    service_unavailable("server is shutting down; retry on another instance", retry)
+}
+
+/// Builds a 503 response with `text` and a `Retry-After` of `retry`, rounded
+/// up to whole seconds.
+pub(crate) fn service_unavailable(text: &str, retry: std::time::Duration) -> Response<Bytes> {
+    let mut response = plain_response(http::StatusCode::SERVICE_UNAVAILABLE, text);
     let seconds = retry.as_millis().div_ceil(1000).max(1);
     response
         .headers_mut()

@@ -1,7 +1,11 @@
 //! Per-stream tracking shared by the body wrapper and the drain task: scans
 //! the bytes, finds the terminal event and records the end of the stream.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use tokio::time::Instant;
 
@@ -9,6 +13,7 @@ use bytes::Bytes;
 use http_body::Body;
 
 use crate::{
+    config::worth_logging,
     layer::Shared,
     log::LogWriter,
     parser::EventStreamParser,
@@ -194,10 +199,7 @@ impl Tracker {
             return;
         }
         if reason == FailureReason::Shutdown {
-            self.shared
-                .shutdown
-                .failed
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.shared.shutdown.failed.fetch_add(1, Ordering::SeqCst);
         }
         let event = synthetic_event("failed", reason.as_str(), self.stream_id());
         self.record(
@@ -272,26 +274,52 @@ pub(crate) fn synthetic_event(event_type: &str, reason: &str, stream_id: &str) -
     ))
 }
 
-/// Attempts of one completion write before it is given up.
-const COMPLETION_ATTEMPTS: u32 = 8;
-/// Wait before the second attempt; it doubles after each failure.
+/// Wait before the second attempt of a completion write; it doubles after each failure.
 const COMPLETION_FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const COMPLETION_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Writes a completion, retrying transient errors, then leaves the registry.
+/// Decrements the count of pending completions when a write ends.
+struct PendingCompletion(Arc<Shared>);
+
+impl Drop for PendingCompletion {
+    fn drop(&mut self) {
+        self.0.pending_completions.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Writes a completion, retrying failures within the retry window, then
+/// leaves the registry. The stream stays in the registry, and so keeps being
+/// refreshed, while its end waits for Redis.
 async fn write_completion(shared: Arc<Shared>, completion: Completion, entry: LiveEntry) {
+    let pending = shared.pending_completions.fetch_add(1, Ordering::SeqCst) + 1;
+    let _pending = PendingCompletion(shared.clone());
+    if pending > shared.config.max_pending_completions {
+        tracing::error!(
+            stream_id = %completion.id,
+            pending,
+            limit = shared.config.max_pending_completions,
+            "too many stream ends wait for redis; this one is left to the guardian"
+        );
+        entry.finish(false);
+        return;
+    }
+
     if let Some(log) = &shared.log {
         log.flushed(&completion.id, shared.config.redis_timeout * 2)
             .await;
     }
+    let give_up_at = Instant::now() + shared.config.completion_retry_window;
     let mut backoff = COMPLETION_FIRST_BACKOFF;
-    for attempt in 1..=COMPLETION_ATTEMPTS {
+    let mut attempt: u64 = 0;
+    loop {
+        attempt += 1;
         match shared.store.complete(completion.clone()).await {
             Ok(CompleteResult::Recorded) => {
                 tracing::info!(
                     stream_id = %completion.id,
                     outcome = %completion.outcome,
                     reason = completion.reason.unwrap_or(""),
+                    attempts = attempt,
                     "stream finished"
                 );
                 entry.finish(true);
@@ -311,22 +339,24 @@ async fn write_completion(shared: Arc<Shared>, completion: Completion, entry: Li
                 entry.finish(false);
                 return;
             }
-            Err(error) if attempt < COMPLETION_ATTEMPTS => {
-                tracing::warn!(
-                    stream_id = %completion.id,
-                    attempt,
-                    %error,
-                    "recording the end of the stream failed; retrying"
-                );
+            Err(error) if Instant::now() + backoff < give_up_at => {
+                if worth_logging(attempt) {
+                    tracing::warn!(
+                        stream_id = %completion.id,
+                        attempt,
+                        %error,
+                        "recording the end of the stream failed; retrying"
+                    );
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(COMPLETION_MAX_BACKOFF);
             }
             Err(error) => {
                 tracing::error!(
                     stream_id = %completion.id,
-                    attempts = COMPLETION_ATTEMPTS,
+                    attempts = attempt,
                     %error,
-                    "recording the end of the stream failed; it is left to the guardian"
+                    "recording the end of the stream failed until the retry window ended; it is left to the guardian"
                 );
                 entry.finish(false);
                 return;

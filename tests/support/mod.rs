@@ -61,6 +61,25 @@ impl RedisProcess {
             .expect("failed to connect to the private redis-server")
     }
 
+    /// Stops the server process with SIGSTOP: connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on with SIGCONT.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the server was killed").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("failed to run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     /// Kills the server and waits for the process to exit.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
