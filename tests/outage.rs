@@ -53,7 +53,7 @@ async fn end_written_after_redis_returns() {
     })
     .await;
 
-    // The terminal event arrives while Redis answers nothing.
+    // The terminal event arrives while Redis processes no command.
     redis_process.pause();
     stream.send(COMPLETED);
     drop(stream);
