@@ -79,7 +79,8 @@ pub struct SweepReport {
 
 impl StreamGuardian {
     /// Creates a guardian on a Redis connection, usually a
-    /// [`redis::aio::ConnectionManager`].
+    /// [`redis::aio::ConnectionManager`], or a
+    /// [`redis::cluster_async::ClusterConnection`] for a Redis Cluster.
     pub fn new<C>(redis: C) -> Self
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,
@@ -195,7 +196,9 @@ impl StreamGuardian {
         self
     }
 
-    /// Runs one sweep: three round trips to Redis whatever the number of streams.
+    /// Runs one sweep: three round trips to Redis whatever the number of
+    /// streams. On a cluster each round trip is one pipeline per master, sent
+    /// at once, and the first sweep also loads the slot map.
     pub async fn sweep(&self) -> Result<SweepReport, StoreError> {
         let settings = &self.settings;
         let cutoff = now_ms().saturating_sub(settings.stale_threshold.as_millis() as u64);

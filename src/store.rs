@@ -1,15 +1,23 @@
 //! The Redis store: key names, scripts, and the commands the layer and the guardian send.
 
 use std::{
+    any::Any,
+    collections::HashMap,
     fmt,
     future::Future,
     pin::Pin,
-    sync::{Arc, LazyLock},
+    sync::{Arc, LazyLock, Mutex},
+    task::Poll,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
-use redis::{RedisError, Script, Value, aio::ConnectionLike};
+use redis::{
+    Cmd, Pipeline, RedisError, RedisFuture, Script, Value,
+    aio::ConnectionLike,
+    cluster_async::ClusterConnection,
+    cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr},
+};
 
 use crate::terminal::Outcome;
 
@@ -175,7 +183,8 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn complete(&self, completion: Completion) -> BoxFuture<Result<CompleteResult, StoreError>>;
     fn release(&self, id: Arc<str>, claim: Arc<str>) -> BoxFuture<Result<bool, StoreError>>;
     /// Refreshes `live` streams and updates the index: `added` and `live` get
-    /// score `now`, `removed` leave it. One pipeline.
+    /// score `now`, `removed` leave it. One [`Batch`]: a pipeline, or one
+    /// pipeline per master on a cluster.
     fn refresh(
         &self,
         live: Vec<RefreshEntry>,
@@ -183,13 +192,13 @@ pub(crate) trait Store: Send + Sync + 'static {
         removed: Vec<RefreshEntry>,
         live_ttl: Duration,
     ) -> BoxFuture<Result<Vec<RefreshResult>, StoreError>>;
-    /// Appends events to the logs of several streams. One pipeline.
+    /// Appends events to the logs of several streams. One batch.
     fn append(
         &self,
         batches: Vec<AppendBatch>,
         limits: LogLimits,
     ) -> BoxFuture<Result<Vec<i64>, StoreError>>;
-    /// Reads the logs of several followers. One pipeline.
+    /// Reads the logs of several followers. One batch.
     fn follow(&self, queries: Vec<FollowQuery>) -> BoxFuture<Result<Vec<FollowReply>, StoreError>>;
 }
 
@@ -302,10 +311,13 @@ pub(crate) fn millis(duration: Duration) -> u64 {
     duration.as_millis().clamp(1, u128::from(u64::MAX)) as u64
 }
 
-/// The store on a Redis connection (a `ConnectionManager`, or any clonable
-/// `ConnectionLike`).
+/// The store on a Redis connection (a `ConnectionManager`, any clonable
+/// `ConnectionLike`, or a `redis::cluster_async::ClusterConnection`).
 pub(crate) struct RedisStore<C> {
     conn: C,
+    /// Set when `conn` is a cluster connection: batches then go out as one
+    /// pipeline per master.
+    cluster: Option<ClusterRouter>,
     keys: Keys,
     timeout: Duration,
 }
@@ -315,8 +327,16 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     pub(crate) fn new(conn: C, keys: Keys, timeout: Duration) -> Self {
+        // NOTE: only `ClusterConnection` with its default node connection type is
+        // recognised. Another cluster connection type, or a wrapper around one,
+        // is treated as a single server, and its pipelines that mix slots fail
+        // with CROSSSLOT in redis-rs.
+        let cluster = (&conn as &dyn Any)
+            .downcast_ref::<ClusterConnection>()
+            .map(|cluster| ClusterRouter::new(cluster.clone()));
         Self {
             conn,
+            cluster,
             keys,
             timeout,
         }
@@ -333,29 +353,191 @@ where
         }
     }
 
-    /// Runs a pipeline that invokes scripts; loads the scripts and retries
-    /// once when Redis replies NOSCRIPT (after a restart or SCRIPT FLUSH).
-    pub(crate) async fn query_script_pipeline(
+    /// Sends `batch` and returns the replies of its commands that were not
+    /// added as ignored, in the order they were added.
+    ///
+    /// On a single server the batch is one pipeline. On a cluster it is one
+    /// pipeline per master, all sent at once.
+    pub(crate) async fn run_batch(
         &self,
-        pipe: &redis::Pipeline,
+        batch: &Batch,
         scripts: &[&Script],
     ) -> Result<Vec<Value>, StoreError> {
-        let mut conn = self.conn.clone();
-        match self.timed(pipe.query_async::<Vec<Value>>(&mut conn)).await {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let replies = match &self.cluster {
+            None => {
+                let all: Vec<usize> = (0..batch.len()).collect();
+                let mut conn = self.conn.clone();
+                self.query_script_pipeline(&mut conn, &batch.pipeline(&all), scripts)
+                    .await?
+            }
+            Some(cluster) => self.run_on_cluster(cluster, batch, scripts).await?,
+        };
+        if replies.len() != batch.len() {
+            return Err(StoreError::unexpected(format!(
+                "{} replies to a pipeline of {} commands",
+                replies.len(),
+                batch.len()
+            )));
+        }
+        Ok(batch.drop_ignored_replies(replies))
+    }
+
+    /// Runs a pipeline that invokes scripts on `conn`. When Redis replies
+    /// NOSCRIPT (after a restart, a SCRIPT FLUSH or a failover), loads the
+    /// scripts through `conn` and retries once.
+    async fn query_script_pipeline<K>(
+        &self,
+        conn: &mut K,
+        pipe: &Pipeline,
+        scripts: &[&Script],
+    ) -> Result<Vec<Value>, StoreError>
+    where
+        K: ConnectionLike + Send,
+    {
+        match self.timed(pipe.query_async::<Vec<Value>>(conn)).await {
             Err(error) if is_no_script(&error) => {
                 for script in scripts {
-                    self.timed(script.prepare_invoke().load_async(&mut conn))
-                        .await?;
+                    self.timed(script.prepare_invoke().load_async(conn)).await?;
                 }
-                self.timed(pipe.query_async::<Vec<Value>>(&mut conn)).await
+                self.timed(pipe.query_async::<Vec<Value>>(conn)).await
             }
             other => other,
         }
     }
 
+    /// Sends one script command on stream `id`. When Redis replies NOSCRIPT,
+    /// loads the script on the node that replied and retries once.
+    ///
+    /// On a cluster the command goes to the master of the stream's slot like
+    /// any keyed command. Only the script load differs from redis-rs's
+    /// `Script::invoke_async`, which sends SCRIPT LOAD to every node and fails
+    /// when one of them is down.
+    async fn run_script_command(
+        &self,
+        id: &str,
+        cmd: Cmd,
+        script: &Script,
+    ) -> Result<Value, StoreError> {
+        match &self.cluster {
+            None => {
+                let mut conn = self.conn.clone();
+                self.query_script_command(&mut conn, &cmd, script).await
+            }
+            Some(cluster) => {
+                let slot = key_slot(self.keys.stream(id).as_bytes());
+                let mut node = NodeConnection {
+                    conn: cluster.conn.clone(),
+                    route: Route::new(slot, SlotAddr::Master),
+                };
+                self.query_script_command(&mut node, &cmd, script).await
+            }
+        }
+    }
+
+    async fn query_script_command<K>(
+        &self,
+        conn: &mut K,
+        cmd: &Cmd,
+        script: &Script,
+    ) -> Result<Value, StoreError>
+    where
+        K: ConnectionLike + Send,
+    {
+        match self.timed(cmd.query_async::<Value>(conn)).await {
+            Err(error) if is_no_script(&error) => {
+                self.timed(script.prepare_invoke().load_async(conn)).await?;
+                self.timed(cmd.query_async::<Value>(conn)).await
+            }
+            other => other,
+        }
+    }
+
+    /// Sends the commands of `batch` as one pipeline per master, concurrently,
+    /// and returns every reply in batch order.
+    ///
+    /// A failed pipeline makes the store reload the slot map, and its
+    /// commands are grouped and sent once more.
+    ///
+    /// A command can run more than once: here, and in redis-rs, which resends
+    /// a whole pipeline to the node named by a MOVED or ASK reply to any of
+    /// its commands. Repeating the refresh, append and follow scripts or the
+    /// index commands changes nothing more in Redis. A repeated orphan script
+    /// returns -1 (not active), so the sweep reports that stream as dangling
+    /// instead of orphaned, although Redis marks it once.
+    async fn run_on_cluster(
+        &self,
+        cluster: &ClusterRouter,
+        batch: &Batch,
+        scripts: &[&Script],
+    ) -> Result<Vec<Value>, StoreError> {
+        let mut replies: Vec<Option<Value>> = (0..batch.len()).map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..batch.len()).collect();
+        let mut retried = false;
+        loop {
+            let owners = cluster.slot_owners(self).await?;
+            let groups = owners.group(batch, &pending);
+            let results = join_all(groups.iter().map(|group| {
+                let pipe = batch.pipeline(&group.commands);
+                let mut node = NodeConnection {
+                    conn: cluster.conn.clone(),
+                    route: group.route,
+                };
+                async move { self.query_script_pipeline(&mut node, &pipe, scripts).await }
+            }))
+            .await;
+
+            let mut failed = Vec::new();
+            let mut first_error = None;
+            for (group, result) in groups.into_iter().zip(results) {
+                match result {
+                    Ok(values) if values.len() == group.commands.len() => {
+                        for (index, value) in group.commands.into_iter().zip(values) {
+                            replies[index] = Some(value);
+                        }
+                    }
+                    Ok(values) => {
+                        return Err(StoreError::unexpected(format!(
+                            "{} replies to a pipeline of {} commands",
+                            values.len(),
+                            group.commands.len()
+                        )));
+                    }
+                    Err(error) => {
+                        failed.extend(group.commands);
+                        first_error.get_or_insert(error);
+                    }
+                }
+            }
+            let Some(error) = first_error else {
+                break;
+            };
+
+            // The slot map may be out of date after a failover or a resharding.
+            cluster.forget_slot_owners();
+            if retried || error.is_timeout() {
+                return Err(error);
+            }
+            tracing::debug!(
+                %error,
+                commands = failed.len(),
+                "cluster pipeline failed; reloading the slot map and retrying once"
+            );
+            retried = true;
+            pending = failed;
+        }
+        replies
+            .into_iter()
+            .map(|reply| reply.ok_or_else(|| StoreError::unexpected("a pipeline reply is missing")))
+            .collect()
+    }
+
     pub(crate) fn clone_store(&self) -> Self {
         Self {
             conn: self.conn.clone(),
+            cluster: self.cluster.clone(),
             keys: self.keys.clone(),
             timeout: self.timeout,
         }
@@ -371,21 +553,323 @@ fn is_no_script(error: &StoreError) -> bool {
     }
 }
 
+/// Commands sent together in one round trip: one pipeline on a single
+/// server, one pipeline per master on a cluster.
+///
+/// Every command touches keys of one hash slot, given when it is added.
+#[derive(Default)]
+pub(crate) struct Batch {
+    commands: Vec<BatchCommand>,
+}
+
+struct BatchCommand {
+    cmd: Cmd,
+    slot: u16,
+    keep_reply: bool,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+
+    /// Adds an EVALSHA of `script` with the hash and the log of stream `id` as
+    /// its two keys, and returns it so the caller can add the arguments.
+    fn add_script(&mut self, script: &Script, keys: &Keys, id: &str) -> &mut Cmd {
+        self.push(&keys.stream(id), script_command(script, keys, id), true)
+    }
+
+    /// Adds a command on `key` whose reply is returned.
+    fn add(&mut self, key: &str, cmd: Cmd) {
+        self.push(key, cmd, true);
+    }
+
+    /// Adds a command on `key` whose reply is dropped.
+    fn add_ignored(&mut self, key: &str, cmd: Cmd) {
+        self.push(key, cmd, false);
+    }
+
+    fn push(&mut self, key: &str, cmd: Cmd, keep_reply: bool) -> &mut Cmd {
+        self.commands.push(BatchCommand {
+            cmd,
+            slot: key_slot(key.as_bytes()),
+            keep_reply,
+        });
+        &mut self
+            .commands
+            .last_mut()
+            .expect("a command was just added")
+            .cmd
+    }
+
+    /// Returns a pipeline of the commands at `indexes`, in that order.
+    fn pipeline(&self, indexes: &[usize]) -> Pipeline {
+        let mut pipe = redis::pipe();
+        for &index in indexes {
+            pipe.add_command(self.commands[index].cmd.clone());
+        }
+        pipe
+    }
+
+    /// Drops the replies of ignored commands from `replies`, one per command.
+    fn drop_ignored_replies(&self, replies: Vec<Value>) -> Vec<Value> {
+        replies
+            .into_iter()
+            .zip(&self.commands)
+            .filter(|(_, command)| command.keep_reply)
+            .map(|(reply, _)| reply)
+            .collect()
+    }
+}
+
+/// Returns an EVALSHA of `script` with the hash and the log of stream `id` as
+/// its two keys. Both keys have the id as hash tag, so they share one slot.
+fn script_command(script: &Script, keys: &Keys, id: &str) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash())
+        .arg(2)
+        .arg(keys.stream(id))
+        .arg(keys.log(id));
+    cmd
+}
+
+/// Number of hash slots of a Redis Cluster.
+const CLUSTER_SLOTS: u16 = 16384;
+
+/// Returns the Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its hash
+/// tag, or of the whole key when it has none, modulo 16384 (the key
+/// distribution model of the Redis Cluster specification).
+fn key_slot(key: &[u8]) -> u16 {
+    let mut hashed = key;
+    if let Some(open) = key.iter().position(|&byte| byte == b'{') {
+        let rest = &key[open + 1..];
+        if let Some(close) = rest.iter().position(|&byte| byte == b'}')
+            && close > 0
+        {
+            hashed = &rest[..close];
+        }
+    }
+    crc16_xmodem(hashed) % CLUSTER_SLOTS
+}
+
+fn crc16_xmodem(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in data {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The cluster side of a store: the connection, and the slot map used to
+/// group commands by master, shared by every clone of the store.
+#[derive(Clone)]
+struct ClusterRouter {
+    conn: ClusterConnection,
+    owners: Arc<Mutex<Option<Arc<SlotOwners>>>>,
+}
+
+impl ClusterRouter {
+    fn new(conn: ClusterConnection) -> Self {
+        Self {
+            conn,
+            owners: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Returns the slot map, loaded with CLUSTER SLOTS on first use and after
+    /// [`ClusterRouter::forget_slot_owners`].
+    async fn slot_owners<C>(&self, store: &RedisStore<C>) -> Result<Arc<SlotOwners>, StoreError>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        if let Some(owners) = self.lock().clone() {
+            return Ok(owners);
+        }
+        let mut conn = self.conn.clone();
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+        let reply = store
+            .timed(conn.route_command(redis::cmd("CLUSTER").arg("SLOTS").clone(), routing))
+            .await?;
+        let owners = Arc::new(SlotOwners::from_cluster_slots(reply)?);
+        *self.lock() = Some(owners.clone());
+        Ok(owners)
+    }
+
+    fn forget_slot_owners(&self) {
+        *self.lock() = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<SlotOwners>>> {
+        self.owners
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The master of every hash slot, as an index into the list of masters.
+#[derive(Debug)]
+struct SlotOwners {
+    /// One entry per slot; [`SlotOwners::UNASSIGNED`] for a slot no master serves.
+    masters: Vec<u16>,
+}
+
+/// The commands of a batch that go to one master in one pipeline.
+#[derive(Debug, PartialEq, Eq)]
+struct NodeGroup {
+    /// Route to the master of one of the group's slots, which receives the pipeline.
+    route: Route,
+    /// Indexes of the commands in the batch, in batch order.
+    commands: Vec<usize>,
+}
+
+impl SlotOwners {
+    const UNASSIGNED: u16 = u16::MAX;
+
+    /// Parses a CLUSTER SLOTS reply: one entry per slot range, each with the
+    /// first slot, the last slot and the master's address.
+    fn from_cluster_slots(reply: Value) -> Result<Self, StoreError> {
+        let ranges: Vec<Vec<Value>> = redis::from_redis_value(reply)?;
+        let mut masters = vec![Self::UNASSIGNED; usize::from(CLUSTER_SLOTS)];
+        let mut addresses: HashMap<(String, u16), u16> = HashMap::new();
+        for range in ranges {
+            let mut fields = range.into_iter();
+            let (Some(first), Some(last), Some(master)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                return Err(StoreError::unexpected(
+                    "CLUSTER SLOTS entry without slots and a master",
+                ));
+            };
+            let first: u16 = redis::from_redis_value(first)?;
+            let last: u16 = redis::from_redis_value(last)?;
+            let master: Vec<Value> = redis::from_redis_value(master)?;
+            let mut master = master.into_iter();
+            let (Some(host), Some(port)) = (master.next(), master.next()) else {
+                return Err(StoreError::unexpected(
+                    "CLUSTER SLOTS master without a host and a port",
+                ));
+            };
+            let address = (
+                redis::from_redis_value::<String>(host)?,
+                redis::from_redis_value::<u16>(port)?,
+            );
+            if first > last || last >= CLUSTER_SLOTS {
+                return Err(StoreError::unexpected(format!(
+                    "CLUSTER SLOTS range {first}-{last} is not within 0-{}",
+                    CLUSTER_SLOTS - 1
+                )));
+            }
+            let next_index = addresses.len() as u16;
+            let index = *addresses.entry(address).or_insert(next_index);
+            masters[usize::from(first)..=usize::from(last)].fill(index);
+        }
+        Ok(Self { masters })
+    }
+
+    /// Groups the commands at `indexes` by the master of their slot. A slot
+    /// that no master serves gets a group of its own, routed by redis-rs.
+    fn group(&self, batch: &Batch, indexes: &[usize]) -> Vec<NodeGroup> {
+        let mut groups: Vec<NodeGroup> = Vec::new();
+        let mut group_of: HashMap<(u16, u16), usize> = HashMap::new();
+        for &index in indexes {
+            let slot = batch.commands[index].slot;
+            let master = self.masters[usize::from(slot)];
+            let key = if master == Self::UNASSIGNED {
+                (master, slot)
+            } else {
+                (master, 0)
+            };
+            let position = *group_of.entry(key).or_insert_with(|| {
+                groups.push(NodeGroup {
+                    route: Route::new(slot, SlotAddr::Master),
+                    commands: Vec::new(),
+                });
+                groups.len() - 1
+            });
+            groups[position].commands.push(index);
+        }
+        groups
+    }
+}
+
+/// A cluster connection that sends every command and pipeline to the master
+/// of one slot, so that a pipeline may mix slots of that master.
+struct NodeConnection {
+    conn: ClusterConnection,
+    route: Route,
+}
+
+impl ConnectionLike for NodeConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(self.route));
+        Box::pin(self.conn.route_command(cmd.clone(), routing))
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        let routing = SingleNodeRoutingInfo::SpecificNode(self.route);
+        Box::pin(
+            self.conn
+                .route_pipeline(pipeline.clone(), offset, count, routing),
+        )
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+/// Polls all `futures` at once and returns their outputs in order.
+async fn join_all<F: Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|output| output.expect("every future is ready"))
+        .collect()
+}
+
 impl<C> Store for RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     fn open(&self, request: OpenRequest) -> BoxFuture<Result<OpenDecision, StoreError>> {
-        let key = self.keys.stream(&request.id);
-        let log_key = self.keys.log(&request.id);
-        let mut conn = self.conn.clone();
-        let timeout = self.timeout;
+        let store = self.clone_store();
         Box::pin(async move {
-            let mut invocation = OPEN.prepare_invoke();
-            invocation
-                .key(key)
-                .key(log_key)
-                .arg(now_ms())
+            let mut cmd = script_command(&OPEN, &store.keys, &request.id);
+            cmd.arg(now_ms())
                 .arg(&request.owner)
                 .arg(&request.last_event_id)
                 .arg(&*request.claim)
@@ -396,26 +880,16 @@ where
                 .arg(&*request.id)
                 .arg(millis(request.stale_threshold))
                 .arg(if request.follow { "1" } else { "0" });
-            let reply: Vec<Value> =
-                match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
-                    Ok(result) => result?,
-                    Err(_) => return Err(StoreError::timeout(timeout)),
-                };
-            parse_open_reply(reply)
+            let reply = store.run_script_command(&request.id, cmd, &OPEN).await?;
+            parse_open_reply(redis::from_redis_value(reply)?)
         })
     }
 
     fn complete(&self, completion: Completion) -> BoxFuture<Result<CompleteResult, StoreError>> {
-        let key = self.keys.stream(&completion.id);
-        let log_key = self.keys.log(&completion.id);
-        let mut conn = self.conn.clone();
-        let timeout = self.timeout;
+        let store = self.clone_store();
         Box::pin(async move {
-            let mut invocation = COMPLETE.prepare_invoke();
-            invocation
-                .key(key)
-                .key(log_key)
-                .arg(&*completion.claim)
+            let mut cmd = script_command(&COMPLETE, &store.keys, &completion.id);
+            cmd.arg(&*completion.claim)
                 .arg(completion.outcome.as_str())
                 .arg(completion.event.as_ref())
                 .arg(completion.event_id.as_deref().unwrap_or(""))
@@ -424,12 +898,10 @@ where
                 .arg(now_ms())
                 .arg(millis(completion.ttl))
                 .arg(completion.log_seq);
-            let reply: i64 =
-                match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
-                    Ok(result) => result?,
-                    Err(_) => return Err(StoreError::timeout(timeout)),
-                };
-            Ok(match reply {
+            let reply = store
+                .run_script_command(&completion.id, cmd, &COMPLETE)
+                .await?;
+            Ok(match redis::from_redis_value::<i64>(reply)? {
                 1 => CompleteResult::Recorded,
                 0 => CompleteResult::AlreadyRecorded,
                 _ => CompleteResult::NotOurs,
@@ -438,17 +910,12 @@ where
     }
 
     fn release(&self, id: Arc<str>, claim: Arc<str>) -> BoxFuture<Result<bool, StoreError>> {
-        let key = self.keys.stream(&id);
-        let log_key = self.keys.log(&id);
-        let mut conn = self.conn.clone();
-        let timeout = self.timeout;
+        let store = self.clone_store();
         Box::pin(async move {
-            let mut invocation = RELEASE.prepare_invoke();
-            invocation.key(key).key(log_key).arg(&*claim);
-            match tokio::time::timeout(timeout, invocation.invoke_async::<i64>(&mut conn)).await {
-                Ok(result) => Ok(result? == 1),
-                Err(_) => Err(StoreError::timeout(timeout)),
-            }
+            let mut cmd = script_command(&RELEASE, &store.keys, &id);
+            cmd.arg(&*claim);
+            let reply = store.run_script_command(&id, cmd, &RELEASE).await?;
+            Ok(redis::from_redis_value::<i64>(reply)? == 1)
         })
     }
 
@@ -463,17 +930,14 @@ where
         Box::pin(async move {
             let now = now_ms();
             let ttl_ms = millis(live_ttl);
-            let mut pipe = redis::pipe();
+            let mut batch = Batch::default();
 
             for entry in &live {
-                let mut invocation = REFRESH.prepare_invoke();
-                invocation
-                    .key(store.keys.stream(&entry.id))
-                    .key(store.keys.log(&entry.id))
+                batch
+                    .add_script(&REFRESH, &store.keys, &entry.id)
                     .arg(now)
                     .arg(ttl_ms)
                     .arg(&*entry.claim);
-                pipe.invoke_script(&invocation);
             }
 
             // One ZADD per shard for every stream that is live or new, one ZREM per shard for the rest.
@@ -491,8 +955,10 @@ where
                 for id in ids {
                     zadd.arg(now).arg(*id);
                 }
-                pipe.add_command(zadd).ignore();
-                pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
+                batch.add_ignored(&key, zadd);
+                let mut pexpire = redis::cmd("PEXPIRE");
+                pexpire.arg(&key).arg(ttl_ms);
+                batch.add_ignored(&key, pexpire);
             }
             let mut gone: Vec<Vec<&str>> = vec![Vec::new(); usize::from(INDEX_SHARDS)];
             for entry in &removed {
@@ -500,17 +966,14 @@ where
             }
             for (shard, ids) in gone.iter().enumerate() {
                 if !ids.is_empty() {
-                    pipe.cmd("ZREM")
-                        .arg(store.keys.index(shard as u16))
-                        .arg(ids.as_slice())
-                        .ignore();
+                    let key = store.keys.index(shard as u16);
+                    let mut zrem = redis::cmd("ZREM");
+                    zrem.arg(&key).arg(ids.as_slice());
+                    batch.add_ignored(&key, zrem);
                 }
             }
-            if pipe.is_empty() {
-                return Ok(Vec::new());
-            }
 
-            let replies = store.query_script_pipeline(&pipe, &[&REFRESH]).await?;
+            let replies = store.run_batch(&batch, &[&REFRESH]).await?;
             if replies.len() != live.len() {
                 return Err(StoreError::unexpected(format!(
                     "{} refresh replies for {} streams",
@@ -538,29 +1001,22 @@ where
     ) -> BoxFuture<Result<Vec<i64>, StoreError>> {
         let store = self.clone_store();
         Box::pin(async move {
-            let mut pipe = redis::pipe();
-            for batch in &batches {
-                let mut invocation = APPEND.prepare_invoke();
-                invocation
-                    .key(store.keys.stream(&batch.id))
-                    .key(store.keys.log(&batch.id))
+            let mut batch = Batch::default();
+            for append in &batches {
+                let cmd = batch
+                    .add_script(&APPEND, &store.keys, &append.id)
                     .arg(limits.max_events)
                     .arg(limits.max_bytes)
                     .arg(millis(limits.ttl))
-                    .arg(&*batch.claim);
-                for entry in &batch.entries {
-                    invocation
-                        .arg(entry.seq)
+                    .arg(&*append.claim);
+                for entry in &append.entries {
+                    cmd.arg(entry.seq)
                         .arg(entry.event_id.as_deref().unwrap_or(""))
                         .arg(entry.event.as_ref())
                         .arg(if entry.terminal { "1" } else { "0" });
                 }
-                pipe.invoke_script(&invocation);
             }
-            if pipe.is_empty() {
-                return Ok(Vec::new());
-            }
-            let replies = store.query_script_pipeline(&pipe, &[&APPEND]).await?;
+            let replies = store.run_batch(&batch, &[&APPEND]).await?;
             replies
                 .into_iter()
                 .map(|reply| Ok(redis::from_redis_value::<i64>(reply)?))
@@ -571,21 +1027,15 @@ where
     fn follow(&self, queries: Vec<FollowQuery>) -> BoxFuture<Result<Vec<FollowReply>, StoreError>> {
         let store = self.clone_store();
         Box::pin(async move {
-            let mut pipe = redis::pipe();
+            let mut batch = Batch::default();
             for query in &queries {
-                let mut invocation = FOLLOW.prepare_invoke();
-                invocation
-                    .key(store.keys.stream(&query.id))
-                    .key(store.keys.log(&query.id))
+                batch
+                    .add_script(&FOLLOW, &store.keys, &query.id)
                     .arg(query.cursor)
                     .arg(query.seek.as_deref().unwrap_or(""))
                     .arg(query.max_entries);
-                pipe.invoke_script(&invocation);
             }
-            if pipe.is_empty() {
-                return Ok(Vec::new());
-            }
-            let replies = store.query_script_pipeline(&pipe, &[&FOLLOW]).await?;
+            let replies = store.run_batch(&batch, &[&FOLLOW]).await?;
             replies.into_iter().map(parse_follow_reply).collect()
         })
     }
@@ -677,37 +1127,36 @@ impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// Lists up to `limit` index entries per shard whose score is at or before `cutoff_ms`. One pipeline.
+    /// Lists up to `limit` index entries per shard whose score is at or
+    /// before `cutoff_ms`. One batch of one command per shard.
     pub(crate) async fn stale_candidates(
         &self,
         cutoff_ms: u64,
         limit: usize,
     ) -> Result<Vec<StaleCandidate>, StoreError> {
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::default();
         for shard in 0..INDEX_SHARDS {
-            pipe.cmd("ZRANGEBYSCORE")
-                .arg(self.keys.index(shard))
+            let key = self.keys.index(shard);
+            let mut range = redis::cmd("ZRANGEBYSCORE");
+            range
+                .arg(&key)
                 .arg("-inf")
                 .arg(cutoff_ms)
                 .arg("LIMIT")
                 .arg(0)
                 .arg(limit);
+            batch.add(&key, range);
         }
-        let mut conn = self.conn.clone();
-        let replies: Vec<Vec<String>> = self.timed(pipe.query_async(&mut conn)).await?;
-        Ok(replies
-            .into_iter()
-            .enumerate()
-            .flat_map(|(shard, ids)| {
-                ids.into_iter().map(move |id| StaleCandidate {
-                    shard: shard as u16,
-                    id,
-                })
-            })
-            .collect())
+        let replies = self.run_batch(&batch, &[]).await?;
+        let mut candidates = Vec::new();
+        for (shard, reply) in (0..INDEX_SHARDS).zip(replies) {
+            let ids: Vec<String> = redis::from_redis_value(reply)?;
+            candidates.extend(ids.into_iter().map(|id| StaleCandidate { shard, id }));
+        }
+        Ok(candidates)
     }
 
-    /// Runs the orphan script for every candidate. One pipeline.
+    /// Runs the orphan script for every candidate. One batch.
     pub(crate) async fn mark_orphans(
         &self,
         candidates: &[StaleCandidate],
@@ -717,20 +1166,17 @@ where
         completion_ttl: Duration,
     ) -> Result<Vec<OrphanResult>, StoreError> {
         let now = now_ms();
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::default();
         for (candidate, event) in candidates.iter().zip(events) {
-            let mut invocation = ORPHAN.prepare_invoke();
-            invocation
-                .key(self.keys.stream(&candidate.id))
-                .key(self.keys.log(&candidate.id))
+            batch
+                .add_script(&ORPHAN, &self.keys, &candidate.id)
                 .arg(cutoff_ms)
                 .arg(event.as_ref())
                 .arg(event_id)
                 .arg(now)
                 .arg(millis(completion_ttl));
-            pipe.invoke_script(&invocation);
         }
-        let replies = self.query_script_pipeline(&pipe, &[&ORPHAN]).await?;
+        let replies = self.run_batch(&batch, &[&ORPHAN]).await?;
         replies
             .into_iter()
             .map(|reply| {
@@ -743,23 +1189,26 @@ where
             .collect()
     }
 
-    /// Removes index entries. One pipeline.
+    /// Removes index entries. One batch of at most one ZREM per shard.
     pub(crate) async fn remove_from_index(
         &self,
         entries: &[StaleCandidate],
     ) -> Result<(), StoreError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
+        let mut members: Vec<Vec<&str>> = vec![Vec::new(); usize::from(INDEX_SHARDS)];
         for entry in entries {
-            pipe.cmd("ZREM")
-                .arg(self.keys.index(entry.shard))
-                .arg(&entry.id)
-                .ignore();
+            members[usize::from(entry.shard)].push(&entry.id);
         }
-        let mut conn = self.conn.clone();
-        self.timed(pipe.query_async::<()>(&mut conn)).await
+        let mut batch = Batch::default();
+        for (shard, ids) in (0..INDEX_SHARDS).zip(&members) {
+            if !ids.is_empty() {
+                let key = self.keys.index(shard);
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(&key).arg(ids.as_slice());
+                batch.add_ignored(&key, zrem);
+            }
+        }
+        self.run_batch(&batch, &[]).await?;
+        Ok(())
     }
 }
 
@@ -772,6 +1221,137 @@ mod tests {
         let keys = Keys::new("sse:".into());
         assert_eq!(keys.stream("abc"), "sse:{abc}");
         assert_eq!(keys.index(3), "sse:active:{3}");
+    }
+
+    #[test]
+    fn key_slot_matches_redis_rs() {
+        // CRC16 test vector of the Redis Cluster specification: 0x31C3 % 16384.
+        assert_eq!(key_slot(b"123456789"), 12739);
+        let keys: [&[u8]; 9] = [
+            b"foo",
+            b"sse:{abc}",
+            b"sse:{abc}:log",
+            b"sse:active:{7}",
+            b"{}",
+            b"a{}b{c}",
+            b"a{b",
+            b"{b}}{c}",
+            b"",
+        ];
+        for key in keys {
+            assert_eq!(
+                Route::new(key_slot(key), SlotAddr::Master),
+                Route::with_key(key, SlotAddr::Master),
+                "slot of {:?}",
+                String::from_utf8_lossy(key)
+            );
+        }
+        let keys = Keys::new("sse:".into());
+        assert_eq!(
+            key_slot(keys.stream("abc").as_bytes()),
+            key_slot(keys.log("abc").as_bytes())
+        );
+    }
+
+    fn slots_reply(ranges: &[(u16, u16, &str, u16)]) -> Value {
+        Value::Array(
+            ranges
+                .iter()
+                .map(|&(first, last, host, port)| {
+                    Value::Array(vec![
+                        Value::Int(i64::from(first)),
+                        Value::Int(i64::from(last)),
+                        Value::Array(vec![
+                            Value::BulkString(host.as_bytes().to_vec()),
+                            Value::Int(i64::from(port)),
+                            Value::BulkString(b"node-id".to_vec()),
+                        ]),
+                    ])
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn batch_groups_by_master() {
+        let reply = slots_reply(&[
+            (0, 5460, "127.0.0.1", 7000),
+            (5461, 10922, "127.0.0.1", 7001),
+            (10923, 12000, "127.0.0.1", 7002),
+            (12001, 16383, "127.0.0.1", 7000),
+        ]);
+        let owners = SlotOwners::from_cluster_slots(reply).unwrap();
+        let mut batch = Batch::default();
+        // Slots 12182 (7000, second range), 1584 (7000), 5649 (7001), 13907 (7000).
+        for key in ["foo", "sse:{3}", "sse:{2}", "sse:{0}"] {
+            batch.add(key, redis::cmd("GET"));
+        }
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"sse:{3}"), 1584);
+        assert_eq!(key_slot(b"sse:{2}"), 5649);
+        assert_eq!(key_slot(b"sse:{0}"), 13907);
+        let groups = owners.group(&batch, &[0, 1, 2, 3]);
+        assert_eq!(
+            groups,
+            vec![
+                NodeGroup {
+                    route: Route::new(12182, SlotAddr::Master),
+                    commands: vec![0, 1, 3],
+                },
+                NodeGroup {
+                    route: Route::new(5649, SlotAddr::Master),
+                    commands: vec![2],
+                },
+            ]
+        );
+        assert_eq!(owners.group(&batch, &[2]).len(), 1);
+        assert!(owners.group(&batch, &[]).is_empty());
+    }
+
+    #[test]
+    fn unserved_slots_get_own_groups() {
+        let owners =
+            SlotOwners::from_cluster_slots(slots_reply(&[(0, 100, "127.0.0.1", 7000)])).unwrap();
+        let mut batch = Batch::default();
+        batch.add("foo", redis::cmd("GET"));
+        batch.add("123456789", redis::cmd("GET"));
+        batch.add("{123456789}x", redis::cmd("GET"));
+        let groups = owners.group(&batch, &[0, 1, 2]);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].commands, vec![0]);
+        assert_eq!(groups[1].commands, vec![1, 2]);
+    }
+
+    #[test]
+    fn bad_cluster_slots_rejected() {
+        let out_of_range = slots_reply(&[(0, 16384, "127.0.0.1", 7000)]);
+        assert!(SlotOwners::from_cluster_slots(out_of_range).is_err());
+        let reversed = slots_reply(&[(10, 5, "127.0.0.1", 7000)]);
+        assert!(SlotOwners::from_cluster_slots(reversed).is_err());
+        let no_master = Value::Array(vec![Value::Array(vec![Value::Int(0), Value::Int(5)])]);
+        assert!(SlotOwners::from_cluster_slots(no_master).is_err());
+        assert!(SlotOwners::from_cluster_slots(Value::Int(1)).is_err());
+    }
+
+    #[test]
+    fn batch_drops_ignored_replies() {
+        let mut batch = Batch::default();
+        batch.add("a", redis::cmd("GET"));
+        batch.add_ignored("b", redis::cmd("PEXPIRE"));
+        batch.add("c", redis::cmd("GET"));
+        let kept = batch.drop_ignored_replies(vec![Value::Int(1), Value::Int(2), Value::Int(3)]);
+        assert_eq!(kept, vec![Value::Int(1), Value::Int(3)]);
+        assert_eq!(batch.pipeline(&[2, 0]).cmd_iter().count(), 2);
+    }
+
+    #[tokio::test]
+    async fn join_all_keeps_order() {
+        let outputs = join_all((0..5u64).map(|i| async move {
+            tokio::time::sleep(Duration::from_millis(10 * (5 - i))).await;
+            i
+        }))
+        .await;
+        assert_eq!(outputs, vec![0, 1, 2, 3, 4]);
     }
 
     #[test]
