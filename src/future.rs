@@ -22,7 +22,7 @@ use crate::{
     service::{
         STREAM_ID_HEADER, is_event_stream, plain_response, service_unavailable, shutting_down,
     },
-    store::{BoxFuture, OpenDecision, StoreError},
+    store::{BoxFuture, OpenDecision, StoreError, StreamRecord},
     tracker::Tracker,
 };
 
@@ -31,6 +31,7 @@ pub(crate) struct StreamRequest {
     pub shared: Arc<Shared>,
     pub id: Arc<str>,
     pub claim: Arc<str>,
+    pub record: Arc<StreamRecord>,
     pub last_event_id: Option<Arc<str>>,
 }
 
@@ -178,7 +179,7 @@ where
                                 stream_request
                                     .shared
                                     .registry
-                                    .enter(stream_request.id.clone(), stream_request.claim.clone()),
+                                    .enter(stream_request.record.clone()),
                             )
                         }
                         Ok(OpenDecision::Follow) => {

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use crate::{
     config::worth_logging,
-    store::{RefreshEntry, RefreshResult, Store, shard_of},
+    store::{RefreshEntry, RefreshResult, Store, StoreError, StreamRecord, shard_of},
 };
 
 /// The live streams of one layer.
@@ -31,7 +31,7 @@ pub(crate) struct Registry {
 
 #[derive(Default)]
 struct State {
-    live: HashMap<Arc<str>, Arc<str>>,
+    live: HashMap<Arc<str>, Arc<StreamRecord>>,
     added: Vec<RefreshEntry>,
     removed: Vec<RefreshEntry>,
     refresher_running: bool,
@@ -42,8 +42,7 @@ struct State {
 /// mark the stream.
 pub(crate) struct LiveEntry {
     registry: Arc<Registry>,
-    id: Arc<str>,
-    claim: Arc<str>,
+    record: Arc<StreamRecord>,
     active: bool,
 }
 
@@ -65,14 +64,14 @@ impl Registry {
 
     /// Enters a stream that was just claimed in Redis, and starts the refresh
     /// task on the current runtime if it is not running.
-    pub(crate) fn enter(self: &Arc<Self>, id: Arc<str>, claim: Arc<str>) -> LiveEntry {
+    pub(crate) fn enter(self: &Arc<Self>, record: Arc<StreamRecord>) -> LiveEntry {
         let start = {
             let mut state = self.lock();
-            state.live.insert(id.clone(), claim.clone());
+            state.live.insert(record.id.clone(), record.clone());
             state.added.push(RefreshEntry {
-                shard: shard_of(&id),
-                id: id.clone(),
-                claim: claim.clone(),
+                shard: shard_of(&record.id),
+                id: record.id.clone(),
+                claim: record.claim.clone(),
             });
             !std::mem::replace(&mut state.refresher_running, true)
         };
@@ -82,8 +81,7 @@ impl Registry {
         self.wake.notify_one();
         LiveEntry {
             registry: self.clone(),
-            id,
-            claim,
+            record,
             active: true,
         }
     }
@@ -95,7 +93,11 @@ impl Registry {
 
     fn leave(&self, id: &Arc<str>, claim: &Arc<str>, remove_from_index: bool) {
         let mut state = self.lock();
-        if state.live.get(id) == Some(claim) {
+        if state
+            .live
+            .get(id)
+            .is_some_and(|record| &record.claim == claim)
+        {
             state.live.remove(id);
         }
         if remove_from_index {
@@ -107,6 +109,37 @@ impl Registry {
             drop(state);
             self.wake.notify_one();
         }
+    }
+
+    /// Writes again the registry entries of live streams that Redis lost (a
+    /// restart without persistence, say); the tick already re-added them to
+    /// the index.
+    async fn register_again(&self, ids: Vec<Arc<str>>) {
+        let records: Vec<Arc<StreamRecord>> = {
+            let state = self.lock();
+            ids.iter()
+                .filter_map(|id| state.live.get(id).cloned())
+                .collect()
+        };
+        match self.store.register(records.clone()).await {
+            Ok(written) => tracing::warn!(
+                streams = written,
+                "live streams were missing from redis; their registry entries were written again"
+            ),
+            Err(error) => tracing::warn!(
+                %error,
+                streams = records.len(),
+                "writing missing registry entries failed; retrying next tick"
+            ),
+        }
+    }
+
+    /// Writes the registry entry of one live stream again when it is missing.
+    pub(crate) async fn register_one(
+        &self,
+        record: Arc<StreamRecord>,
+    ) -> Result<usize, StoreError> {
+        self.store.register(vec![record]).await
     }
 
     /// Sends the pending index changes now.
@@ -129,10 +162,10 @@ impl Registry {
                 state
                     .live
                     .iter()
-                    .map(|(id, claim)| RefreshEntry {
+                    .map(|(id, record)| RefreshEntry {
                         shard: shard_of(id),
                         id: id.clone(),
-                        claim: claim.clone(),
+                        claim: record.claim.clone(),
                     })
                     .collect()
             } else {
@@ -155,14 +188,11 @@ impl Registry {
             .await
         {
             Ok(results) => {
+                let mut missing = Vec::new();
                 for (entry, result) in live.iter().zip(results) {
                     match result {
                         RefreshResult::Refreshed => {}
-                        // TODO: re-register streams whose hash vanished (Redis restarted without persistence).
-                        RefreshResult::Missing => tracing::warn!(
-                            stream_id = %entry.id,
-                            "live stream is missing from redis; it will not be found by a returning client"
-                        ),
+                        RefreshResult::Missing => missing.push(entry.id.clone()),
                         RefreshResult::NotOurs => tracing::debug!(
                             stream_id = %entry.id,
                             "live stream was finished or orphaned in redis; refresh skipped"
@@ -174,6 +204,9 @@ impl Registry {
                     tracing::info!(failed_before, "refreshing live streams works again");
                 }
                 tracing::trace!(streams = count, "refreshed live streams");
+                if !missing.is_empty() {
+                    self.register_again(missing).await;
+                }
             }
             Err(error) => {
                 let repeat = self
@@ -194,11 +227,19 @@ impl Registry {
 
 impl LiveEntry {
     pub(crate) fn id(&self) -> &Arc<str> {
-        &self.id
+        &self.record.id
     }
 
     pub(crate) fn claim(&self) -> &Arc<str> {
-        &self.claim
+        &self.record.claim
+    }
+
+    pub(crate) fn record(&self) -> &Arc<StreamRecord> {
+        &self.record
+    }
+
+    pub(crate) fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 
     /// Leaves the registry. `ended_in_redis` is true when the stream's hash
@@ -206,14 +247,16 @@ impl LiveEntry {
     /// index entry is removed too.
     pub(crate) fn finish(mut self, ended_in_redis: bool) {
         self.active = false;
-        self.registry.leave(&self.id, &self.claim, ended_in_redis);
+        self.registry
+            .leave(&self.record.id, &self.record.claim, ended_in_redis);
     }
 }
 
 impl Drop for LiveEntry {
     fn drop(&mut self) {
         if self.active {
-            self.registry.leave(&self.id, &self.claim, false);
+            self.registry
+                .leave(&self.record.id, &self.record.claim, false);
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::{
         IdLookup, InvalidId, StreamId, StreamMetadata, generate_stream_id, query_value,
         sanitize_owner, validate_stream_id,
     },
-    store::OpenRequest,
+    store::{OpenRequest, StreamRecord, now_ms},
 };
 
 /// Maximum length of a `Last-Event-ID` the layer compares; longer values are ignored.
@@ -137,16 +137,20 @@ where
         parts.extensions.insert(StreamId(id.clone()));
         let claim: Arc<str> = generate_stream_id().into();
         let last_event_id = last_event_id(&parts, config.event_log.is_some());
-        let decision = self.shared.store.open(OpenRequest {
+        let record = Arc::new(StreamRecord {
             id: id.clone(),
-            owner,
-            last_event_id: last_event_id.clone(),
             claim: claim.clone(),
+            owner,
             instance: config.instance_id.clone(),
             stream_type: config.stream_type.clone(),
             metadata,
+            started_at: now_ms(),
             live_ttl: config.live_ttl(),
             stale_threshold: config.stale_threshold,
+        });
+        let decision = self.shared.store.open(OpenRequest {
+            record: record.clone(),
+            last_event_id: last_event_id.clone(),
             follow: config.event_log.is_some(),
         });
 
@@ -162,6 +166,7 @@ where
                 shared: self.shared.clone(),
                 id,
                 claim,
+                record,
                 last_event_id: (!last_event_id.is_empty()).then(|| last_event_id.into()),
             },
         )

@@ -36,6 +36,8 @@ static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
 static APPEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/append.lua")));
 static FOLLOW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/follow.lua")));
+static REGISTER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/register.lua")));
 static ORPHAN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/orphan.lua")));
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -122,18 +124,27 @@ pub(crate) enum OpenDecision {
 /// The fields of a request that opens or resumes a stream.
 #[derive(Debug)]
 pub(crate) struct OpenRequest {
-    pub id: Arc<str>,
-    pub owner: String,
+    pub record: Arc<StreamRecord>,
     pub last_event_id: String,
-    pub claim: Arc<str>,
-    pub instance: Arc<str>,
-    pub stream_type: Arc<str>,
-    pub metadata: String,
-    pub live_ttl: Duration,
-    pub stale_threshold: Duration,
     /// The layer keeps event logs: live streams, and ended ones asked with a
     /// Last-Event-ID, are followed instead of answered 409 or replayed.
     pub follow: bool,
+}
+
+/// The registry fields of a stream, kept while it is live so that its entry
+/// can be written again when Redis lost it.
+#[derive(Debug)]
+pub(crate) struct StreamRecord {
+    pub id: Arc<str>,
+    pub claim: Arc<str>,
+    pub owner: String,
+    pub instance: Arc<str>,
+    pub stream_type: Arc<str>,
+    pub metadata: String,
+    /// Start time, milliseconds since the Unix epoch.
+    pub started_at: u64,
+    pub live_ttl: Duration,
+    pub stale_threshold: Duration,
 }
 
 /// The end of a stream, to be written once.
@@ -157,6 +168,8 @@ pub(crate) enum CompleteResult {
     Recorded,
     AlreadyRecorded,
     NotOurs,
+    /// The stream's hash is gone (expired, or lost in a restart).
+    Missing,
 }
 
 /// One live stream in a refresh pipeline.
@@ -182,6 +195,9 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn open(&self, request: OpenRequest) -> BoxFuture<Result<OpenDecision, StoreError>>;
     fn complete(&self, completion: Completion) -> BoxFuture<Result<CompleteResult, StoreError>>;
     fn release(&self, id: Arc<str>, claim: Arc<str>) -> BoxFuture<Result<bool, StoreError>>;
+    /// Writes the registry entries of live streams whose hash is missing. One
+    /// batch. Returns how many were written.
+    fn register(&self, records: Vec<Arc<StreamRecord>>) -> BoxFuture<Result<usize, StoreError>>;
     /// Refreshes `live` streams and updates the index: `added` and `live` get
     /// score `now`, `removed` leave it. One [`Batch`]: a pipeline, or one
     /// pipeline per master on a cluster.
@@ -628,6 +644,25 @@ impl Batch {
 
 /// Returns an EVALSHA of `script` with the hash and the log of stream `id` as
 /// its two keys. Both keys have the id as hash tag, so they share one slot.
+/// Adds the arguments shared by the open and register scripts (ARGV 1 to 10).
+fn record_args<'a>(
+    cmd: &'a mut Cmd,
+    record: &StreamRecord,
+    now: u64,
+    last_event_id: &str,
+) -> &'a mut Cmd {
+    cmd.arg(now)
+        .arg(&record.owner)
+        .arg(last_event_id)
+        .arg(&*record.claim)
+        .arg(&*record.instance)
+        .arg(&*record.stream_type)
+        .arg(&record.metadata)
+        .arg(millis(record.live_ttl))
+        .arg(&*record.id)
+        .arg(millis(record.stale_threshold))
+}
+
 fn script_command(script: &Script, keys: &Keys, id: &str) -> Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(script.get_hash())
@@ -868,20 +903,32 @@ where
     fn open(&self, request: OpenRequest) -> BoxFuture<Result<OpenDecision, StoreError>> {
         let store = self.clone_store();
         Box::pin(async move {
-            let mut cmd = script_command(&OPEN, &store.keys, &request.id);
-            cmd.arg(now_ms())
-                .arg(&request.owner)
-                .arg(&request.last_event_id)
-                .arg(&*request.claim)
-                .arg(&*request.instance)
-                .arg(&*request.stream_type)
-                .arg(&request.metadata)
-                .arg(millis(request.live_ttl))
-                .arg(&*request.id)
-                .arg(millis(request.stale_threshold))
+            let record = &request.record;
+            let mut cmd = script_command(&OPEN, &store.keys, &record.id);
+            record_args(&mut cmd, record, record.started_at, &request.last_event_id)
                 .arg(if request.follow { "1" } else { "0" });
-            let reply = store.run_script_command(&request.id, cmd, &OPEN).await?;
+            let reply = store.run_script_command(&record.id, cmd, &OPEN).await?;
             parse_open_reply(redis::from_redis_value(reply)?)
+        })
+    }
+
+    fn register(&self, records: Vec<Arc<StreamRecord>>) -> BoxFuture<Result<usize, StoreError>> {
+        let store = self.clone_store();
+        Box::pin(async move {
+            let now = now_ms();
+            let mut batch = Batch::default();
+            for record in &records {
+                let cmd = batch.add_script(&REGISTER, &store.keys, &record.id);
+                record_args(cmd, record, now, "").arg(record.started_at);
+            }
+            let replies = store.run_batch(&batch, &[&REGISTER]).await?;
+            let mut written = 0;
+            for reply in replies {
+                if redis::from_redis_value::<i64>(reply)? == 1 {
+                    written += 1;
+                }
+            }
+            Ok(written)
         })
     }
 
@@ -904,6 +951,7 @@ where
             Ok(match redis::from_redis_value::<i64>(reply)? {
                 1 => CompleteResult::Recorded,
                 0 => CompleteResult::AlreadyRecorded,
+                -2 => CompleteResult::Missing,
                 _ => CompleteResult::NotOurs,
             })
         })

@@ -330,6 +330,20 @@ async fn write_completion(shared: Arc<Shared>, completion: Completion, entry: Li
                 entry.finish(true);
                 return;
             }
+            Ok(CompleteResult::Missing) => {
+                // Redis lost the hash (a restart without persistence): write the
+                // registry entry again, then the end.
+                if let Err(error) = entry.registry().register_one(entry.record().clone()).await {
+                    tracing::warn!(stream_id = %completion.id, %error, "writing the missing registry entry failed");
+                }
+                if Instant::now() + backoff >= give_up_at {
+                    tracing::error!(stream_id = %completion.id, "the end of the stream could not be recorded");
+                    entry.finish(false);
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(COMPLETION_MAX_BACKOFF);
+            }
             Ok(CompleteResult::NotOurs) => {
                 tracing::warn!(
                     stream_id = %completion.id,

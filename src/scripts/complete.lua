@@ -11,11 +11,14 @@
 -- ARGV[8]  completion TTL, milliseconds
 -- ARGV[9]  sequence number of the stream's last event, 0 without an event log
 -- Returns 1 when recorded, 0 when this claim already recorded an end, -1 when the
--- hash is gone or belongs to another claim.
+-- hash belongs to another claim, -2 when the hash is gone.
 
 local fields = redis.call('HMGET', KEYS[1], 'state', 'claim')
 local state, claim = fields[1], fields[2]
-if not state or claim ~= ARGV[1] then
+if not state then
+  return -2
+end
+if claim ~= ARGV[1] then
   return -1
 end
 if state == 'completed' or state == 'failed' then
