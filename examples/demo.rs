@@ -8,7 +8,9 @@
 //!
 //! Environment: `ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (default
 //! `redis://127.0.0.1:6379`), `HEARTBEAT_SECS` (15), `STALE_SECS` (30),
-//! `GUARDIAN_SECS` (30), `SHUTDOWN_GRACE_SECS` (10), `RUST_LOG` (`info`).
+//! `GUARDIAN_SECS` (30), `SHUTDOWN_GRACE_SECS` (10), `RUST_LOG` (`info`), and
+//! `REDIS_CLUSTER_NODES` (comma-separated `host:port` of cluster nodes; when
+//! set, the demo uses the cluster instead of `REDIS_URL`).
 
 use std::{
     convert::Infallible,
@@ -68,18 +70,45 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sweep = Duration::from_secs(env_secs("GUARDIAN_SECS", 30)?);
     let grace = Duration::from_secs(env_secs("SHUTDOWN_GRACE_SECS", 10)?);
 
-    let client = redis::Client::open(redis_url.as_str())
-        .map_err(|e| format!("invalid REDIS_URL {redis_url:?}: {e}"))?;
-    let redis = redis::aio::ConnectionManager::new(client)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot connect to redis at {redis_url}: {e}; start redis-server or set REDIS_URL"
+    // The layer and the guardian take a single Redis or a cluster alike.
+    let (layer, guardian) = match env::var("REDIS_CLUSTER_NODES") {
+        Ok(nodes) => {
+            let urls: Vec<String> = nodes
+                .split(',')
+                .map(|node| format!("redis://{}", node.trim()))
+                .collect();
+            let cluster = redis::cluster::ClusterClient::new(urls)
+                .map_err(|e| format!("invalid REDIS_CLUSTER_NODES {nodes:?}: {e}"))?
+                .get_async_connection()
+                .await
+                .map_err(|e| {
+                    format!("cannot connect to the redis cluster at {nodes}: {e}; check REDIS_CLUSTER_NODES")
+                })?;
+            tracing::info!(%nodes, "connected to redis cluster");
+            (
+                SseResilienceLayer::new(cluster.clone()),
+                StreamGuardian::new(cluster),
             )
-        })?;
-    tracing::info!(%redis_url, "connected to redis");
+        }
+        Err(_) => {
+            let client = redis::Client::open(redis_url.as_str())
+                .map_err(|e| format!("invalid REDIS_URL {redis_url:?}: {e}"))?;
+            let redis = redis::aio::ConnectionManager::new(client)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot connect to redis at {redis_url}: {e}; start redis-server or set REDIS_URL"
+                    )
+                })?;
+            tracing::info!(%redis_url, "connected to redis");
+            (
+                SseResilienceLayer::new(redis.clone()),
+                StreamGuardian::new(redis),
+            )
+        }
+    };
 
-    let layer = SseResilienceLayer::new(redis.clone())
+    let layer = layer
         .stream_id_source(StreamIdSource::path_segment("/api/stream/"))
         .stream_type("generation")
         .heartbeat_interval(heartbeat)
@@ -89,7 +118,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let shutdown = CancellationToken::new();
     let guardian = tokio::spawn(
-        StreamGuardian::new(redis)
+        guardian
             .sweep_interval(sweep)
             .stale_threshold(stale)
             .run_with_token(shutdown.clone()),

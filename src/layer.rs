@@ -2,7 +2,10 @@
 
 use std::{
     fmt,
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -20,7 +23,7 @@ use crate::{
     request::{OwnerSource, StreamIdSource},
     service::SseResilience,
     shutdown::{ShutdownHandle, ShutdownSignal},
-    store::{Keys, RedisStore, Store},
+    store::{CountingStore, Keys, RedisStore, Store},
     terminal::TerminalRule,
 };
 
@@ -50,6 +53,8 @@ type ConnectStore = dyn Fn(&Config) -> Arc<dyn Store> + Send + Sync;
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) store: Arc<dyn Store>,
+    /// Redis calls of this layer that failed or timed out.
+    pub(crate) redis_errors: Arc<AtomicU64>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) log: Option<Arc<LogWriter>>,
     pub(crate) follow: Option<Arc<FollowPoller>>,
@@ -60,8 +65,9 @@ pub(crate) struct Shared {
 }
 
 impl SseResilienceLayer {
-    /// Creates the layer on a Redis connection, usually a
-    /// [`redis::aio::ConnectionManager`].
+    /// Creates the layer on a Redis connection: a
+    /// [`redis::aio::ConnectionManager`] for one Redis, or a
+    /// [`redis::cluster_async::ClusterConnection`] for a Redis Cluster.
     ///
     /// Any clonable [`ConnectionLike`] works: clones must share one
     /// connection or pool, as `ConnectionManager` clones do.
@@ -301,6 +307,15 @@ impl SseResilienceLayer {
         ShutdownHandle::new(self.shared())
     }
 
+    /// Returns the number of Redis calls of this layer that failed or timed
+    /// out since it started serving: opens, refresh pipelines, log appends,
+    /// follower reads and each attempt to record an end.
+    pub fn redis_errors(&self) -> u64 {
+        self.shared
+            .get()
+            .map_or(0, |shared| shared.redis_errors.load(Ordering::Relaxed))
+    }
+
     /// Returns the number of streams of this layer that are live now.
     pub fn live_streams(&self) -> usize {
         self.shared
@@ -318,27 +333,31 @@ impl SseResilienceLayer {
     fn shared(&self) -> Arc<Shared> {
         self.shared
             .get_or_init(|| {
+                let redis_errors = Arc::new(AtomicU64::new(0));
+                let store: Arc<dyn Store> =
+                    Arc::new(CountingStore::new(self.store.clone(), redis_errors.clone()));
                 let registry = Arc::new(Registry::new(
-                    self.store.clone(),
+                    store.clone(),
                     self.config.refresh_interval(),
                     self.config.live_ttl(),
                 ));
                 let log = self.config.event_log.as_ref().map(|settings| {
                     Arc::new(LogWriter::new(
-                        self.store.clone(),
+                        store.clone(),
                         settings,
                         self.config.live_ttl(),
                     ))
                 });
                 let follow = self.config.event_log.as_ref().map(|settings| {
                     Arc::new(FollowPoller::new(
-                        self.store.clone(),
+                        store.clone(),
                         settings.follow_poll_interval,
                     ))
                 });
                 Arc::new(Shared {
                     config: self.config.clone(),
-                    store: self.store.clone(),
+                    store,
+                    redis_errors,
                     registry,
                     log,
                     follow,

@@ -6,7 +6,10 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::{Arc, LazyLock, Mutex},
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     task::Poll,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -216,6 +219,72 @@ pub(crate) trait Store: Send + Sync + 'static {
     ) -> BoxFuture<Result<Vec<i64>, StoreError>>;
     /// Reads the logs of several followers. One batch.
     fn follow(&self, queries: Vec<FollowQuery>) -> BoxFuture<Result<Vec<FollowReply>, StoreError>>;
+}
+
+/// A store that counts the failed calls of the store it wraps.
+pub(crate) struct CountingStore {
+    inner: Arc<dyn Store>,
+    errors: Arc<AtomicU64>,
+}
+
+impl CountingStore {
+    pub(crate) fn new(inner: Arc<dyn Store>, errors: Arc<AtomicU64>) -> Self {
+        Self { inner, errors }
+    }
+
+    fn count<T: Send + 'static>(
+        &self,
+        call: BoxFuture<Result<T, StoreError>>,
+    ) -> BoxFuture<Result<T, StoreError>> {
+        let errors = self.errors.clone();
+        Box::pin(async move {
+            let result = call.await;
+            if result.is_err() {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+            result
+        })
+    }
+}
+
+impl Store for CountingStore {
+    fn open(&self, request: OpenRequest) -> BoxFuture<Result<OpenDecision, StoreError>> {
+        self.count(self.inner.open(request))
+    }
+
+    fn complete(&self, completion: Completion) -> BoxFuture<Result<CompleteResult, StoreError>> {
+        self.count(self.inner.complete(completion))
+    }
+
+    fn release(&self, id: Arc<str>, claim: Arc<str>) -> BoxFuture<Result<bool, StoreError>> {
+        self.count(self.inner.release(id, claim))
+    }
+
+    fn register(&self, records: Vec<Arc<StreamRecord>>) -> BoxFuture<Result<usize, StoreError>> {
+        self.count(self.inner.register(records))
+    }
+
+    fn refresh(
+        &self,
+        live: Vec<RefreshEntry>,
+        added: Vec<RefreshEntry>,
+        removed: Vec<RefreshEntry>,
+        live_ttl: Duration,
+    ) -> BoxFuture<Result<Vec<RefreshResult>, StoreError>> {
+        self.count(self.inner.refresh(live, added, removed, live_ttl))
+    }
+
+    fn append(
+        &self,
+        batches: Vec<AppendBatch>,
+        limits: LogLimits,
+    ) -> BoxFuture<Result<Vec<i64>, StoreError>> {
+        self.count(self.inner.append(batches, limits))
+    }
+
+    fn follow(&self, queries: Vec<FollowQuery>) -> BoxFuture<Result<Vec<FollowReply>, StoreError>> {
+        self.count(self.inner.follow(queries))
+    }
 }
 
 /// Events of one stream to append to its log.

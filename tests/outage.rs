@@ -32,6 +32,7 @@ async fn fail_closed_refuses_streams() {
         .key_prefix(&prefix)
         .redis_timeout(Duration::from_millis(300))
         .fail_closed(true);
+    let observer = layer.clone();
     let server = TestServer::start(layer).await;
     redis_process.kill();
 
@@ -41,6 +42,7 @@ async fn fail_closed_refuses_streams() {
     assert!(refused.headers().contains_key("retry-after"));
     assert!(refused.text().await.unwrap().contains("unavailable"));
     assert_eq!(server.scripted.calls(), 0);
+    assert!(observer.redis_errors() >= 1);
 }
 
 #[tokio::test]
@@ -51,6 +53,7 @@ async fn end_written_after_redis_returns() {
         .key_prefix(&prefix)
         .redis_timeout(Duration::from_millis(200))
         .stale_threshold(Duration::from_secs(2));
+    let observer = layer.clone();
     let server = TestServer::start(layer).await;
 
     let mut response = server.get("/sse?stream_id=paused1").await;
@@ -71,6 +74,10 @@ async fn end_written_after_redis_returns() {
     redis_process.resume();
 
     wait_for_state_on(&private, &prefix, "paused1", "completed").await;
+    assert!(
+        observer.redis_errors() >= 1,
+        "the outage produced no counted error"
+    );
     let replay = server
         .get("/sse?stream_id=paused1")
         .await
