@@ -29,10 +29,10 @@ use crate::{
 
 /// A tower layer that makes `text/event-stream` responses resilient.
 ///
-/// For every stream request it checks Redis once: a finished stream gets its
-/// stored terminal event without a call to the inner service,
-/// a stream live elsewhere gets 409, and otherwise the stream is claimed and
-/// the inner service is called. The response body is then watched: heartbeats
+/// For every stream request it checks Redis once. A finished stream gets its
+/// stored terminal event without a call to the inner service, and a stream
+/// live elsewhere gets 409. Otherwise the stream is claimed and the inner
+/// service is called. The response body is then watched: heartbeats
 /// go out when it is idle, its terminal event is recorded, and a client that
 /// drops early does not lose the result. See the crate documentation for the
 /// whole picture and an example.
@@ -291,8 +291,8 @@ impl SseResilienceLayer {
         self.changed()
     }
 
-    /// Answers stream requests with 503 and `Retry-After` when Redis fails or
-    /// times out, instead of serving the stream untracked (fail open, the
+    /// Responds to stream requests with 503 and `Retry-After` when Redis fails
+    /// or times out, instead of serving the stream untracked (fail open, the
     /// default). Responses that are not streams are not affected.
     pub fn fail_closed(mut self, fail_closed: bool) -> Self {
         self.config.fail_closed = fail_closed;

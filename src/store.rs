@@ -130,7 +130,7 @@ pub(crate) struct OpenRequest {
     pub record: Arc<StreamRecord>,
     pub last_event_id: String,
     /// The layer keeps event logs: live streams, and ended ones asked with a
-    /// Last-Event-ID, are followed instead of answered 409 or replayed.
+    /// Last-Event-ID, are followed instead of getting 409 or a replay.
     pub follow: bool,
 }
 
