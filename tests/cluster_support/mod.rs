@@ -445,26 +445,7 @@ pub async fn node_connection(port: u16) -> MultiplexedConnection {
 
 /// Lists the keys under `prefix` on one node.
 pub async fn keys_on_node(conn: &mut MultiplexedConnection, prefix: &str) -> Vec<String> {
-    let mut keys = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .unwrap();
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    keys.sort();
-    keys
+    crate::common::keys_under(conn, prefix).await
 }
 
 /// Returns the `PTTL` of `key`: -2 when it does not exist, -1 when it has no TTL.

@@ -45,8 +45,8 @@ pub fn unique_prefix(test: &str) -> String {
     format!("test:{test}:{}:", &random[..10])
 }
 
-/// Lists the keys under `prefix`.
-pub async fn keys_under(conn: &mut ConnectionManager, prefix: &str) -> Vec<String> {
+/// Lists the keys under `prefix` on the server behind `conn` (one node of a cluster).
+pub async fn keys_under<C: redis::aio::ConnectionLike>(conn: &mut C, prefix: &str) -> Vec<String> {
     let mut keys: Vec<String> = Vec::new();
     let mut cursor: u64 = 0;
     loop {
@@ -279,7 +279,7 @@ impl Drop for TestServer {
     }
 }
 
-/// Reads a streaming response until `done` says the bytes so far are
+/// Reads a streaming response until `done` returns true for the bytes so far,
 /// complete, or the body ends. Bounded by 20 s so a broken test fails.
 pub async fn read_until(
     response: &mut reqwest::Response,
