@@ -142,9 +142,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sweep.as_secs()
     );
 
-    // On Ctrl-C or SIGTERM the layer refuses new streams, sends live clients a
-    // retry hint (they resume on another instance from the event log), and
-    // gives unfinished generations the grace period; the server then stops.
+    // On Ctrl-C or SIGTERM the layer rejects new streams and sends live clients a
+    // retry hint, so they resume on another instance from the event log.
+    // Unfinished generations get the grace period, then the server stops.
     let (report_tx, report_rx) = tokio::sync::oneshot::channel();
     let stop = shutdown.clone();
     axum::serve(listener, app)

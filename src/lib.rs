@@ -7,7 +7,7 @@
 //! [`SseResilienceLayer`] wraps a service that responds with `text/event-stream`.
 //! For each stream request it makes one Redis round trip:
 //!
-//! - a finished stream is answered from Redis with its terminal event, and
+//! - a finished stream gets its terminal event from Redis, and
 //!   the inner service is not called (204 when the client's `Last-Event-ID`
 //!   already is that event's id; 404 for a request of another owner);
 //! - a stream that is live on another connection gets 409;

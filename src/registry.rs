@@ -243,7 +243,7 @@ impl LiveEntry {
     }
 
     /// Leaves the registry. `ended_in_redis` is true when the stream's hash
-    /// no longer says `active` (recorded or released), in which case its
+    /// no longer has state `active` (recorded or released), in which case its
     /// index entry is removed too.
     pub(crate) fn finish(mut self, ended_in_redis: bool) {
         self.active = false;

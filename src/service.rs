@@ -81,7 +81,7 @@ where
         let (mut parts, body) = request.into_parts();
 
         // A HEAD or OPTIONS request has no body to stream: claiming it would drain a
-        // whole run that nobody reads.
+        // whole run that no client reads.
         let lookup = if matches!(parts.method, Method::HEAD | Method::OPTIONS) {
             IdLookup::NotApplicable
         } else {

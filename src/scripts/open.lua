@@ -19,7 +19,7 @@
 --   {"live"}                          a stream held by another request (no event log)
 --   {"follow"}                        a live stream, or an ended one asked with Last-Event-ID,
 --                                     to be served from its event log
---   {"claimed"}                       the caller now holds the stream
+--   {"claimed"}                       the caller has claimed the stream
 
 local fields = redis.call('HMGET', KEYS[1], 'state', 'owner', 'terminal_event', 'terminal_id')
 local state, owner, terminal_event, terminal_id = fields[1], fields[2], fields[3], fields[4]

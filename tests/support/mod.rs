@@ -61,7 +61,7 @@ impl RedisProcess {
             .expect("failed to connect to the private redis-server")
     }
 
-    /// Stops the server process with SIGSTOP: connections stay open, nothing is answered.
+    /// Stops the server process with SIGSTOP: connections stay open and no command is processed.
     pub fn pause(&self) {
         self.signal("-STOP");
     }
