@@ -34,7 +34,9 @@ use axum::{
 };
 use futures_util::stream::{self, Stream};
 use serde_json::json;
-use sse_resilience::{EventLog, SseResilienceLayer, StreamGuardian, StreamId, StreamIdSource};
+use sse_resilience::{
+    EventLog, ReconnectingCluster, SseResilienceLayer, StreamGuardian, StreamId, StreamIdSource,
+};
 use tokio_util::sync::CancellationToken;
 
 const WORDS: &[&str] = &[
@@ -77,13 +79,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .split(',')
                 .map(|node| format!("redis://{}", node.trim()))
                 .collect();
-            let cluster = redis::cluster::ClusterClient::new(urls)
-                .map_err(|e| format!("invalid REDIS_CLUSTER_NODES {nodes:?}: {e}"))?
-                .get_async_connection()
-                .await
-                .map_err(|e| {
-                    format!("cannot connect to the redis cluster at {nodes}: {e}; check REDIS_CLUSTER_NODES")
-                })?;
+            let client = redis::cluster::ClusterClient::new(urls)
+                .map_err(|e| format!("invalid REDIS_CLUSTER_NODES {nodes:?}: {e}"))?;
+            let cluster = ReconnectingCluster::connect(client).await.map_err(|e| {
+                format!(
+                    "cannot connect to the redis cluster at {nodes}: {e}; check REDIS_CLUSTER_NODES"
+                )
+            })?;
             tracing::info!(%nodes, "connected to redis cluster");
             (
                 SseResilienceLayer::new(cluster.clone()),

@@ -80,7 +80,8 @@ pub struct SweepReport {
 impl StreamGuardian {
     /// Creates a guardian on a Redis connection, usually a
     /// [`redis::aio::ConnectionManager`], or a
-    /// [`redis::cluster_async::ClusterConnection`] for a Redis Cluster.
+    /// [`ReconnectingCluster`](crate::ReconnectingCluster) (or a plain
+    /// [`redis::cluster_async::ClusterConnection`]) for a Redis Cluster.
     pub fn new<C>(redis: C) -> Self
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,

@@ -67,7 +67,8 @@ pub(crate) struct Shared {
 impl SseResilienceLayer {
     /// Creates the layer on a Redis connection: a
     /// [`redis::aio::ConnectionManager`] for one Redis, or a
-    /// [`redis::cluster_async::ClusterConnection`] for a Redis Cluster.
+    /// [`ReconnectingCluster`](crate::ReconnectingCluster) (or a plain
+    /// [`redis::cluster_async::ClusterConnection`]) for a Redis Cluster.
     ///
     /// Any clonable [`ConnectionLike`] works: clones must share one
     /// connection or pool, as `ConnectionManager` clones do.

@@ -73,6 +73,7 @@
 //!   by last refresh, sharded over [`INDEX_SHARDS`] keys.
 
 mod body;
+mod cluster;
 mod config;
 mod follow;
 mod future;
@@ -89,6 +90,11 @@ mod terminal;
 mod tracker;
 
 pub use body::ResilientBody;
+pub use cluster::{
+    DEFAULT_CLUSTER_COMMAND_TIMEOUT, DEFAULT_MIN_RECONNECT_INTERVAL,
+    DEFAULT_RECONNECT_AFTER_TIMEOUTS, DEFAULT_RECONNECT_TIMEOUT, ReconnectingCluster,
+    ReconnectingClusterBuilder,
+};
 pub use config::{
     DEFAULT_COMPLETION_TTL, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT_COMMENT,
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_KEY_PREFIX, DEFAULT_MAX_STREAM_LIFETIME,

@@ -22,7 +22,10 @@ use redis::{
     cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr},
 };
 
-use crate::terminal::Outcome;
+use crate::{
+    cluster::{ClusterLink, ReconnectingCluster},
+    terminal::Outcome,
+};
 
 /// Number of sorted-set keys the active-stream index is sharded over.
 ///
@@ -416,9 +419,14 @@ where
         // recognised. Another cluster connection type, or a wrapper around one,
         // is treated as a single server, and its pipelines that mix slots fail
         // with CROSSSLOT in redis-rs.
-        let cluster = (&conn as &dyn Any)
-            .downcast_ref::<ClusterConnection>()
-            .map(|cluster| ClusterRouter::new(cluster.clone()));
+        let any = &conn as &dyn Any;
+        let link = match any.downcast_ref::<ReconnectingCluster>() {
+            Some(reconnecting) => Some(reconnecting.link()),
+            None => any
+                .downcast_ref::<ClusterConnection>()
+                .map(|cluster| ClusterLink::fixed(cluster.clone())),
+        };
+        let cluster = link.map(ClusterRouter::new);
         Self {
             conn,
             cluster,
@@ -514,7 +522,7 @@ where
             Some(cluster) => {
                 let slot = key_slot(self.keys.stream(id).as_bytes());
                 let mut node = NodeConnection {
-                    conn: cluster.conn.clone(),
+                    link: cluster.link.clone(),
                     route: Route::new(slot, SlotAddr::Master),
                 };
                 self.query_script_command(&mut node, &cmd, script).await
@@ -567,7 +575,7 @@ where
             let results = join_all(groups.iter().map(|group| {
                 let pipe = batch.pipeline(&group.commands);
                 let mut node = NodeConnection {
-                    conn: cluster.conn.clone(),
+                    link: cluster.link.clone(),
                     route: group.route,
                 };
                 async move { self.query_script_pipeline(&mut node, &pipe, scripts).await }
@@ -779,14 +787,14 @@ fn crc16_xmodem(data: &[u8]) -> u16 {
 /// group commands by master, shared by every clone of the store.
 #[derive(Clone)]
 struct ClusterRouter {
-    conn: ClusterConnection,
+    link: Arc<ClusterLink>,
     owners: Arc<Mutex<Option<Arc<SlotOwners>>>>,
 }
 
 impl ClusterRouter {
-    fn new(conn: ClusterConnection) -> Self {
+    fn new(link: Arc<ClusterLink>) -> Self {
         Self {
-            conn,
+            link,
             owners: Arc::new(Mutex::new(None)),
         }
     }
@@ -800,10 +808,13 @@ impl ClusterRouter {
         if let Some(owners) = self.lock().clone() {
             return Ok(owners);
         }
-        let mut conn = self.conn.clone();
         let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+        let slots = redis::cmd("CLUSTER").arg("SLOTS").clone();
         let reply = store
-            .timed(conn.route_command(redis::cmd("CLUSTER").arg("SLOTS").clone(), routing))
+            .timed(
+                self.link
+                    .run(|mut conn| async move { conn.route_command(slots, routing).await }),
+            )
             .await?;
         let owners = Arc::new(SlotOwners::from_cluster_slots(reply)?);
         *self.lock() = Some(owners.clone());
@@ -910,14 +921,18 @@ impl SlotOwners {
 /// A cluster connection that sends every command and pipeline to the master
 /// of one slot, so that a pipeline may mix slots of that master.
 struct NodeConnection {
-    conn: ClusterConnection,
+    link: Arc<ClusterLink>,
     route: Route,
 }
 
 impl ConnectionLike for NodeConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(self.route));
-        Box::pin(self.conn.route_command(cmd.clone(), routing))
+        let cmd = cmd.clone();
+        Box::pin(
+            self.link
+                .run(|mut conn| async move { conn.route_command(cmd, routing).await }),
+        )
     }
 
     fn req_packed_commands<'a>(
@@ -927,10 +942,10 @@ impl ConnectionLike for NodeConnection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         let routing = SingleNodeRoutingInfo::SpecificNode(self.route);
-        Box::pin(
-            self.conn
-                .route_pipeline(pipeline.clone(), offset, count, routing),
-        )
+        let pipeline = pipeline.clone();
+        Box::pin(self.link.run(move |mut conn| async move {
+            conn.route_pipeline(pipeline, offset, count, routing).await
+        }))
     }
 
     fn get_db(&self) -> i64 {

@@ -21,9 +21,8 @@ use redis::{
     RedisError,
     aio::{ConnectionLike, MultiplexedConnection},
     cluster::ClusterClientBuilder,
-    cluster_async::ClusterConnection,
 };
-use sse_resilience::{SseResilienceLayer, StreamGuardian};
+use sse_resilience::{ReconnectingCluster, SseResilienceLayer, StreamGuardian};
 use support::{RedisProcess, index_score};
 use tokio_util::sync::CancellationToken;
 
@@ -521,16 +520,16 @@ async fn single_redis_restarted_under_load() {
 /// response time-outs are short and its retries few and quick, so a command
 /// for a dead master fails within the layer's Redis time-out. The redis-rs
 /// 1.8.2 defaults wait at least 1.28 s before each of 16 retries.
-async fn failover_connection(cluster: &LocalCluster) -> ClusterConnection {
-    ClusterClientBuilder::new(cluster.urls())
+async fn failover_connection(cluster: &LocalCluster) -> ReconnectingCluster {
+    let client = ClusterClientBuilder::new(cluster.urls())
         .connection_timeout(Duration::from_millis(500))
         .response_timeout(Duration::from_secs(1))
         .retries(4)
         .min_retry_wait(50)
         .max_retry_wait(500)
         .build()
-        .expect("invalid cluster client settings")
-        .get_async_connection()
+        .expect("invalid cluster client settings");
+    ReconnectingCluster::connect(client)
         .await
         .expect("failed to connect to the local cluster")
 }
@@ -709,8 +708,11 @@ impl SweepWatch {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "redis-rs 1.8.2: a ClusterConnection with requests in flight when a master dies hangs in its slot refresh, so every later command times out"]
 async fn cluster_master_killed_under_load() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     // A cluster of its own, since one of its masters is killed.
     let cluster = tokio::task::spawn_blocking(LocalCluster::start)
         .await
@@ -810,5 +812,21 @@ async fn cluster_master_killed_under_load() {
         orphaned,
         Vec::<String>::new(),
         "streams orphaned during the failover"
+    );
+}
+
+#[tokio::test]
+async fn reconnecting_cluster_reports_unreachable_nodes() {
+    let port = support::free_port();
+    let client = redis::cluster::ClusterClient::new(vec![format!("redis://127.0.0.1:{port}")])
+        .expect("valid node url");
+    let error = ReconnectingCluster::builder(client)
+        .reconnect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect_err("a cluster without nodes was reached");
+    assert!(
+        error.to_string().contains("refused") || error.is_timeout(),
+        "unexpected error: {error}"
     );
 }
