@@ -6,6 +6,10 @@
 //! curl -N 'http://127.0.0.1:3000/api/stream/demo-1?tokens=5'
 //! ```
 //!
+//! Routes: the page at `/`, `/healthz`, the streams at `/api/stream/{id}`, their
+//! recovery status at `/api/status/{id}` and the browser client at
+//! `/sse-resilience.js`.
+//!
 //! Environment: `ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (default
 //! `redis://127.0.0.1:6379`), `HEARTBEAT_SECS` (15), `STALE_SECS` (30),
 //! `GUARDIAN_SECS` (30), `SHUTDOWN_GRACE_SECS` (10), `RUST_LOG` (`info`), and
@@ -26,8 +30,9 @@ use std::{
 use axum::{
     Extension, Json, Router,
     extract::{Query, State},
+    http::header,
     response::{
-        Html,
+        Html, IntoResponse,
         sse::{Event, Sse},
     },
     routing::get,
@@ -38,6 +43,10 @@ use sse_resilience::{
     EventLog, ReconnectingCluster, SseResilienceLayer, StreamGuardian, StreamId, StreamIdSource,
 };
 use tokio_util::sync::CancellationToken;
+
+// TODO: replace with the library's status service (a stand-in that reads Redis).
+#[path = "demo/status.rs"]
+mod status;
 
 const WORDS: &[&str] = &[
     "Streams", "that", "survive", "dropped", "clients,", "crashed", "servers", "and", "slow",
@@ -73,7 +82,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let grace = Duration::from_secs(env_secs("SHUTDOWN_GRACE_SECS", 10)?);
 
     // The layer and the guardian take a single Redis or a cluster alike.
-    let (layer, guardian) = match env::var("REDIS_CLUSTER_NODES") {
+    let (layer, guardian, status_routes) = match env::var("REDIS_CLUSTER_NODES") {
         Ok(nodes) => {
             let urls: Vec<String> = nodes
                 .split(',')
@@ -89,7 +98,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tracing::info!(%nodes, "connected to redis cluster");
             (
                 SseResilienceLayer::new(cluster.clone()),
-                StreamGuardian::new(cluster),
+                StreamGuardian::new(cluster.clone()),
+                status::routes(cluster),
             )
         }
         Err(_) => {
@@ -105,7 +115,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tracing::info!(%redis_url, "connected to redis");
             (
                 SseResilienceLayer::new(redis.clone()),
-                StreamGuardian::new(redis),
+                StreamGuardian::new(redis.clone()),
+                status::routes(redis),
             )
         }
     };
@@ -132,7 +143,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/api/stream/{id}", get(generate))
         .route("/api/stream/", get(generate))
         .layer(layer)
-        .with_state(AppState::default());
+        .with_state(AppState::default())
+        // Added after the layer: these routes are not streams.
+        .route("/sse-resilience.js", get(client_js))
+        .merge(status_routes);
 
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -171,6 +185,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 async fn page() -> Html<&'static str> {
     Html(include_str!("demo/index.html"))
+}
+
+async fn client_js() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            sse_resilience::client::JS_CONTENT_TYPE,
+        )],
+        sse_resilience::client::JS,
+    )
 }
 
 async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {

@@ -71,8 +71,15 @@
 //!   Cluster hash tag of every key of the stream.
 //! - `{prefix}active:{<0..15>}`: the active-stream index, sorted sets scored
 //!   by last refresh, sharded over [`INDEX_SHARDS`] keys.
+//!
+//! # Browser client
+//!
+//! [`client::JS`] is a dependency-free ES module for pages: it requests a
+//! stream's recovery status before connecting, reconnects with backoff,
+//! resumes after the last event id and stops at the terminal event.
 
 mod body;
+pub mod client;
 mod cluster;
 mod config;
 mod follow;
