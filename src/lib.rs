@@ -79,11 +79,14 @@ mod future;
 mod guardian;
 mod layer;
 mod log;
+mod memory;
+pub mod metrics;
 pub mod parser;
 mod registry;
 mod request;
 mod service;
 mod shutdown;
+mod status;
 mod store;
 mod terminal;
 mod tracker;
@@ -104,6 +107,7 @@ pub use log::{
     DEFAULT_FOLLOW_POLL_INTERVAL, DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_MAX_EVENTS,
     DEFAULT_LOG_MAX_PENDING_BYTES, EventLog,
 };
+pub use memory::{LoggedEvent, MemoryStore};
 pub use parser::EventStreamParser;
 pub use request::{
     InvalidId, MAX_OWNER_LEN, MAX_STREAM_ID_LEN, OwnerSource, StreamId, StreamIdSource,
@@ -111,6 +115,7 @@ pub use request::{
 };
 pub use service::{STREAM_ID_HEADER, SseResilience};
 pub use shutdown::{ShutdownHandle, ShutdownReport};
+pub use status::{StatusFuture, StreamStatusService};
 pub use store::{INDEX_SHARDS, StoreError};
 pub use terminal::{Outcome, TerminalRule};
 

@@ -15,7 +15,8 @@ use support::{RedisProcess, state_of};
 #[tokio::test]
 async fn head_request_not_claimed() {
     let prefix = unique_prefix("head_request");
-    let server = TestServer::start(SseResilienceLayer::new(redis().await).key_prefix(&prefix)).await;
+    let server =
+        TestServer::start(SseResilienceLayer::new(redis().await).key_prefix(&prefix)).await;
 
     let response = server
         .client
@@ -67,7 +68,10 @@ async fn inner_service_sees_stream_id() {
         .layer(layer);
     let server = TestServer::serve(app, Scripted::default()).await;
 
-    assert_eq!(server.get("/s/given-1").await.text().await.unwrap(), "given-1");
+    assert_eq!(
+        server.get("/s/given-1").await.text().await.unwrap(),
+        "given-1"
+    );
     let generated = server.get("/s/").await.text().await.unwrap();
     assert_eq!(generated.len(), 32);
     assert!(generated.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -105,7 +109,11 @@ async fn shorter_guardian_threshold_keeps_stream() {
     eventually("stream indexed", || {
         let mut conn = conn.clone();
         let prefix = prefix.clone();
-        async move { support::index_score(&mut conn, &prefix, "live1").await.is_some() }
+        async move {
+            support::index_score(&mut conn, &prefix, "live1")
+                .await
+                .is_some()
+        }
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -117,7 +125,10 @@ async fn shorter_guardian_threshold_keeps_stream() {
 
     assert!(report.orphaned.is_empty());
     assert_eq!(report.fresh, 1);
-    assert_eq!(state_of(&mut conn, &prefix, "live1").await.as_deref(), Some("active"));
+    assert_eq!(
+        state_of(&mut conn, &prefix, "live1").await.as_deref(),
+        Some("active")
+    );
 }
 
 #[tokio::test]
