@@ -395,13 +395,20 @@ impl TestServer {
     /// - `/fixed`: a finished event stream with a `completed` event of id 2,
     /// - `/json`: a JSON response.
     pub async fn start(layer: SseResilienceLayer) -> Self {
+        Self::start_with(layer, Router::new()).await
+    }
+
+    /// Starts a server with the routes of [`TestServer::start`] behind
+    /// `layer`, and the routes of `outside` beside them, not behind it.
+    pub async fn start_with(layer: SseResilienceLayer, outside: Router) -> Self {
         let scripted = Scripted::default();
         let app = Router::new()
             .route("/sse", get(scripted_handler))
             .route("/fixed", get(fixed_sse_handler))
             .route("/json", get(json_handler))
             .layer(layer)
-            .with_state(scripted.clone());
+            .with_state(scripted.clone())
+            .merge(outside);
         Self::serve(app, scripted).await
     }
 
