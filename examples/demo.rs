@@ -6,11 +6,18 @@
 //! curl -N 'http://127.0.0.1:3000/api/stream/demo-1?tokens=5'
 //! ```
 //!
-//! Environment: `ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (default
-//! `redis://127.0.0.1:6379`), `HEARTBEAT_SECS` (15), `STALE_SECS` (30),
-//! `GUARDIAN_SECS` (30), `SHUTDOWN_GRACE_SECS` (10), `RUST_LOG` (`info`), and
-//! `REDIS_CLUSTER_NODES` (comma-separated `host:port` of cluster nodes; when
-//! set, the demo uses the cluster instead of `REDIS_URL`).
+//! Environment: `ADDR` (default `127.0.0.1:3000`), `REDIS_URL`,
+//! `HEARTBEAT_SECS` (15), `STALE_SECS` (30), `GUARDIAN_SECS` (30),
+//! `SHUTDOWN_GRACE_SECS` (10), `RUST_LOG` (`info`), and `REDIS_CLUSTER_NODES`
+//! (comma-separated `host:port` of cluster nodes; when set, the demo uses the
+//! cluster instead of `REDIS_URL`).
+//!
+//! Without `REDIS_URL` the demo tries the Redis at `REDIS_PROBE_URL` (default
+//! `redis://127.0.0.1:6379`) for 500 ms, and runs on an in-memory store when
+//! none answers; its first log line says which store it uses.
+//!
+//! `GET /metrics` returns the crate's metrics in the Prometheus text format,
+//! and `GET /api/status/{id}` the recovery status of a stream as JSON.
 
 use std::{
     convert::Infallible,
@@ -26,6 +33,7 @@ use std::{
 use axum::{
     Extension, Json, Router,
     extract::{Query, State},
+    http::header,
     response::{
         Html,
         sse::{Event, Sse},
@@ -33,14 +41,20 @@ use axum::{
     routing::get,
 };
 use futures_util::stream::{self, Stream};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
-use sse_resilience::{EventLog, SseResilienceLayer, StreamGuardian, StreamId, StreamIdSource};
+use sse_resilience::{
+    EventLog, MemoryStore, SseResilienceLayer, StreamGuardian, StreamId, StreamIdSource,
+};
 use tokio_util::sync::CancellationToken;
 
 const WORDS: &[&str] = &[
     "Streams", "that", "survive", "dropped", "clients,", "crashed", "servers", "and", "slow",
     "networks", "deliver", "every", "result", "exactly", "once.",
 ];
+
+/// How long the demo waits for a Redis to answer when `REDIS_URL` is unset.
+const REDIS_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Default)]
 struct AppState {
@@ -64,49 +78,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
 
     let addr: SocketAddr = env_or("ADDR", "127.0.0.1:3000").parse()?;
-    let redis_url = env_or("REDIS_URL", "redis://127.0.0.1:6379");
     let heartbeat = Duration::from_secs(env_secs("HEARTBEAT_SECS", 15)?);
     let stale = Duration::from_secs(env_secs("STALE_SECS", 30)?);
     let sweep = Duration::from_secs(env_secs("GUARDIAN_SECS", 30)?);
     let grace = Duration::from_secs(env_secs("SHUTDOWN_GRACE_SECS", 10)?);
 
-    // The layer and the guardian take a single Redis or a cluster alike.
-    let (layer, guardian) = match env::var("REDIS_CLUSTER_NODES") {
-        Ok(nodes) => {
-            let urls: Vec<String> = nodes
-                .split(',')
-                .map(|node| format!("redis://{}", node.trim()))
-                .collect();
-            let cluster = redis::cluster::ClusterClient::new(urls)
-                .map_err(|e| format!("invalid REDIS_CLUSTER_NODES {nodes:?}: {e}"))?
-                .get_async_connection()
-                .await
-                .map_err(|e| {
-                    format!("cannot connect to the redis cluster at {nodes}: {e}; check REDIS_CLUSTER_NODES")
-                })?;
-            tracing::info!(%nodes, "connected to redis cluster");
-            (
-                SseResilienceLayer::new(cluster.clone()),
-                StreamGuardian::new(cluster),
-            )
-        }
-        Err(_) => {
-            let client = redis::Client::open(redis_url.as_str())
-                .map_err(|e| format!("invalid REDIS_URL {redis_url:?}: {e}"))?;
-            let redis = redis::aio::ConnectionManager::new(client)
-                .await
-                .map_err(|e| {
-                    format!(
-                        "cannot connect to redis at {redis_url}: {e}; start redis-server or set REDIS_URL"
-                    )
-                })?;
-            tracing::info!(%redis_url, "connected to redis");
-            (
-                SseResilienceLayer::new(redis.clone()),
-                StreamGuardian::new(redis),
-            )
-        }
-    };
+    // The recorder goes in first, so the layer's and the guardian's metrics reach it.
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("installing the metrics recorder failed: {e}"))?;
+    let (layer, guardian) = connect_store().await?;
 
     let layer = layer
         .stream_id_source(StreamIdSource::path_segment("/api/stream/"))
@@ -115,6 +96,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .stale_threshold(stale)
         .event_log(EventLog::new());
     let streams = layer.shutdown_handle();
+    let status = layer
+        .status_service()
+        .stream_id_source(StreamIdSource::path_segment("/api/status/"));
 
     let shutdown = CancellationToken::new();
     let guardian = tokio::spawn(
@@ -129,6 +113,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/healthz", get(healthz))
         .route("/api/stream/{id}", get(generate))
         .route("/api/stream/", get(generate))
+        .route_service("/api/status/{id}", status)
+        .route(
+            "/metrics",
+            get(move || std::future::ready(prometheus_text(&metrics))),
+        )
         .layer(layer)
         .with_state(AppState::default());
 
@@ -165,6 +154,104 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(?report, "demo stopped");
     }
     Ok(())
+}
+
+/// Connects the store the demo runs on: the cluster of `REDIS_CLUSTER_NODES`,
+/// the Redis of `REDIS_URL`, the Redis of `REDIS_PROBE_URL` when it answers,
+/// or else a memory store. Logs the choice before anything else.
+async fn connect_store() -> Result<(SseResilienceLayer, StreamGuardian), String> {
+    if let Ok(nodes) = env::var("REDIS_CLUSTER_NODES") {
+        let urls: Vec<String> = nodes
+            .split(',')
+            .map(|node| format!("redis://{}", node.trim()))
+            .collect();
+        let cluster = redis::cluster::ClusterClient::new(urls)
+            .map_err(|e| format!("invalid REDIS_CLUSTER_NODES {nodes:?}: {e}"))?
+            .get_async_connection()
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot connect to the redis cluster at {nodes}: {e}; check REDIS_CLUSTER_NODES"
+                )
+            })?;
+        tracing::info!(%nodes, "connected to redis cluster");
+        return Ok((
+            SseResilienceLayer::new(cluster.clone()),
+            StreamGuardian::new(cluster),
+        ));
+    }
+
+    if let Ok(redis_url) = env::var("REDIS_URL") {
+        let client = redis::Client::open(redis_url.as_str())
+            .map_err(|e| format!("invalid REDIS_URL {redis_url:?}: {e}"))?;
+        let redis = redis::aio::ConnectionManager::new(client)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot connect to redis at {redis_url}: {e}; start redis-server, or unset REDIS_URL to use the in-memory store"
+                )
+            })?;
+        tracing::info!(%redis_url, "connected to redis");
+        return Ok((
+            SseResilienceLayer::new(redis.clone()),
+            StreamGuardian::new(redis),
+        ));
+    }
+
+    let probe_url = env_or("REDIS_PROBE_URL", "redis://127.0.0.1:6379");
+    match probe_redis(&probe_url).await {
+        Ok(redis) => {
+            tracing::info!(redis_url = %probe_url, "connected to redis");
+            Ok((
+                SseResilienceLayer::new(redis.clone()),
+                StreamGuardian::new(redis),
+            ))
+        }
+        Err(reason) => {
+            tracing::warn!(
+                redis_url = %probe_url,
+                %reason,
+                "REDIS_URL is unset and no redis answered: using the in-memory store, so streams live in this process only and are lost when it stops"
+            );
+            let store = MemoryStore::new();
+            Ok((
+                SseResilienceLayer::with_memory_store(store.clone()),
+                StreamGuardian::with_memory_store(store),
+            ))
+        }
+    }
+}
+
+/// Connects to the Redis at `url` and checks that it answers PING, within
+/// [`REDIS_PROBE_TIMEOUT`].
+async fn probe_redis(url: &str) -> Result<redis::aio::ConnectionManager, String> {
+    let connect = async {
+        let client = redis::Client::open(url).map_err(|e| format!("invalid url: {e}"))?;
+        let mut redis = redis::aio::ConnectionManager::new(client)
+            .await
+            .map_err(|e| e.to_string())?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut redis)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(redis)
+    };
+    tokio::time::timeout(REDIS_PROBE_TIMEOUT, connect)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {REDIS_PROBE_TIMEOUT:?}")))
+}
+
+/// Renders the metrics in the Prometheus text format.
+fn prometheus_text(
+    metrics: &PrometheusHandle,
+) -> ([(header::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics.render(),
+    )
 }
 
 async fn page() -> Html<&'static str> {
