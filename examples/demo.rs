@@ -53,7 +53,7 @@ const WORDS: &[&str] = &[
     "networks", "deliver", "every", "result", "exactly", "once.",
 ];
 
-/// How long the demo waits for a Redis to answer when `REDIS_URL` is unset.
+/// How long the demo waits for a reply of the probed Redis when `REDIS_URL` is unset.
 const REDIS_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Default)]
@@ -157,7 +157,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Connects the store the demo runs on: the cluster of `REDIS_CLUSTER_NODES`,
-/// the Redis of `REDIS_URL`, the Redis of `REDIS_PROBE_URL` when it answers,
+/// the Redis of `REDIS_URL`, the Redis of `REDIS_PROBE_URL` when it replies,
 /// or else a memory store. Logs the choice before anything else.
 async fn connect_store() -> Result<(SseResilienceLayer, StreamGuardian), String> {
     if let Ok(nodes) = env::var("REDIS_CLUSTER_NODES") {
@@ -222,7 +222,7 @@ async fn connect_store() -> Result<(SseResilienceLayer, StreamGuardian), String>
     }
 }
 
-/// Connects to the Redis at `url` and checks that it answers PING, within
+/// Connects to the Redis at `url` and checks that it replies to PING, within
 /// [`REDIS_PROBE_TIMEOUT`].
 async fn probe_redis(url: &str) -> Result<redis::aio::ConnectionManager, String> {
     let connect = async {

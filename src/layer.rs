@@ -326,7 +326,7 @@ impl SseResilienceLayer {
         ShutdownHandle::new(self.shared())
     }
 
-    /// Returns a service that answers the recovery status of a stream as
+    /// Returns a service that responds with the recovery status of a stream as
     /// JSON, with this layer's store, stream id source and owner rule. See
     /// [`StreamStatusService`] for the responses.
     ///

@@ -42,8 +42,8 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(1);
 ///
 /// Clones share one store; cloning is cheap. The key prefix of a layer or a
 /// guardian does not apply: everything built on one store shares its streams.
-/// Calls never fail and never wait for I/O; each takes a lock on the whole
-/// store for as long as the operation runs.
+/// Calls never fail and never wait for I/O. Each one locks the whole store
+/// while its operation runs.
 ///
 /// # Example
 ///
@@ -262,7 +262,7 @@ impl<T> Expiring<T> {
 
 impl State {
     /// Drops every expired entry, at most once per [`PURGE_INTERVAL`], so
-    /// that finished streams nobody asks for again do not accumulate.
+    /// that finished streams no request reads again do not accumulate.
     fn purge_if_due(&mut self, now: Instant) {
         if self
             .last_purge
@@ -360,7 +360,7 @@ impl State {
         self.streams.insert(record.id.clone(), entry);
     }
 
-    /// The open script.
+    /// Decides what to do with a request, as the open script does.
     fn open(&mut self, request: &OpenRequest) -> OpenDecision {
         let record = &request.record;
         if let Some(hash) = self.hash(&record.id) {
@@ -392,7 +392,8 @@ impl State {
         OpenDecision::Claimed
     }
 
-    /// The register script: writes the entry of a live stream whose entry is missing.
+    /// Writes the entry of a live stream whose entry is missing, as the
+    /// register script does.
     fn register(&mut self, record: &StreamRecord, now: u64) -> bool {
         if self.hash(&record.id).is_some() {
             return false;
@@ -401,7 +402,8 @@ impl State {
         true
     }
 
-    /// The complete script.
+    /// Records the end of a stream held under the completion's claim, once,
+    /// as the complete script does.
     fn complete(&mut self, completion: &Completion, now: u64) -> CompleteResult {
         let Some(hash) = self.hash(&completion.id) else {
             return CompleteResult::Missing;
@@ -429,7 +431,7 @@ impl State {
         CompleteResult::Recorded
     }
 
-    /// The release script: deletes a claim that is still active.
+    /// Deletes a claim that is still active, as the release script does.
     fn release(&mut self, id: &str, claim: &str) -> bool {
         let released = self
             .hash(id)
@@ -440,7 +442,7 @@ impl State {
         released
     }
 
-    /// The refresh script for one stream.
+    /// Marks one live stream as fresh, as the refresh script does.
     fn refresh_one(&mut self, entry: &RefreshEntry, now: u64, live_ttl: Duration) -> RefreshResult {
         let Some(hash) = self.hash(&entry.id) else {
             return RefreshResult::Missing;
@@ -489,7 +491,8 @@ impl State {
         }
     }
 
-    /// The append script for one stream.
+    /// Appends events to a stream's log and trims the log to its bounds, as
+    /// the append script does.
     fn append(&mut self, batch: &AppendBatch, limits: LogLimits) -> i64 {
         let Some(hash) = self.hash(&batch.id) else {
             return -1;
@@ -542,7 +545,7 @@ impl State {
         added
     }
 
-    /// The follow script for one follower.
+    /// Reads a stream's log for one follower, as the follow script does.
     fn follow(&mut self, query: &FollowQuery) -> FollowReply {
         let (state, terminal_event, log_seq) = match self.hash(&query.id) {
             None => (String::new(), None, 0),
@@ -601,7 +604,8 @@ impl State {
         reply
     }
 
-    /// The orphan script for one candidate.
+    /// Marks one stream orphaned when its last refresh is stale, as the
+    /// orphan script does.
     fn mark_orphan(
         &mut self,
         id: &str,

@@ -21,7 +21,7 @@ use crate::{
     store::{BoxFuture, Store, StreamSnapshot},
 };
 
-/// A tower service that answers the recovery status of one stream as JSON.
+/// A tower service that returns the recovery status of one stream as JSON.
 ///
 /// Created by [`SseResilienceLayer::status_service`](crate::SseResilienceLayer::status_service),
 /// it reads the stream from the layer's store (Redis or a
@@ -85,7 +85,7 @@ impl StreamStatusService {
         self
     }
 
-    /// Checks the request head and reads the stream, or answers at once.
+    /// Checks the request head and reads the stream, or responds at once.
     fn answer(&self, parts: &http::request::Parts) -> BoxFuture<Response<String>> {
         let ready =
             |response| -> BoxFuture<Response<String>> { Box::pin(std::future::ready(response)) };
