@@ -21,6 +21,11 @@
 //! [`StreamGuardian`] marks streams whose process died as orphaned, so that a
 //! returning client gets a definite end.
 //!
+//! An app that runs as a single process can use a [`MemoryStore`] in place of
+//! Redis. [`SseResilienceLayer::status_service`] returns a stream's state and
+//! terminal event as JSON, and the [`metrics`] module names the counters and
+//! the gauge recorded through the `metrics` facade.
+//!
 //! # Example
 //!
 //! ```no_run
