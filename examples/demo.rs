@@ -7,14 +7,21 @@
 //! ```
 //!
 //! Routes: the page at `/`, `/healthz`, the streams at `/api/stream/{id}`, their
-//! recovery status at `/api/status/{id}` and the browser client at
-//! `/sse-resilience.js`.
+//! recovery status at `/api/status/{id}`, the metrics at `/metrics` and the
+//! browser client at `/sse-resilience.js`.
 //!
-//! Environment: `ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (default
-//! `redis://127.0.0.1:6379`), `HEARTBEAT_SECS` (15), `STALE_SECS` (30),
-//! `GUARDIAN_SECS` (30), `SHUTDOWN_GRACE_SECS` (10), `RUST_LOG` (`info`), and
-//! `REDIS_CLUSTER_NODES` (comma-separated `host:port` of cluster nodes; when
-//! set, the demo uses the cluster instead of `REDIS_URL`).
+//! Environment: `ADDR` (default `127.0.0.1:3000`), `REDIS_URL`,
+//! `HEARTBEAT_SECS` (15), `STALE_SECS` (30), `GUARDIAN_SECS` (30),
+//! `SHUTDOWN_GRACE_SECS` (10), `RUST_LOG` (`info`), and `REDIS_CLUSTER_NODES`
+//! (comma-separated `host:port` of cluster nodes; when set, the demo uses the
+//! cluster instead of `REDIS_URL`).
+//!
+//! Without `REDIS_URL` the demo tries the Redis at `REDIS_PROBE_URL` (default
+//! `redis://127.0.0.1:6379`) for 500 ms, and runs on an in-memory store when
+//! none answers; its first log line says which store it uses.
+//!
+//! `GET /metrics` returns the crate's metrics in the Prometheus text format,
+//! and `GET /api/status/{id}` the recovery status of a stream as JSON.
 
 use std::{
     convert::Infallible,
@@ -38,20 +45,21 @@ use axum::{
     routing::get,
 };
 use futures_util::stream::{self, Stream};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use sse_resilience::{
-    EventLog, ReconnectingCluster, SseResilienceLayer, StreamGuardian, StreamId, StreamIdSource,
+    EventLog, MemoryStore, ReconnectingCluster, SseResilienceLayer, StreamGuardian, StreamId,
+    StreamIdSource,
 };
 use tokio_util::sync::CancellationToken;
-
-// TODO: replace with the library's status service (a stand-in that reads Redis).
-#[path = "demo/status.rs"]
-mod status;
 
 const WORDS: &[&str] = &[
     "Streams", "that", "survive", "dropped", "clients,", "crashed", "servers", "and", "slow",
     "networks", "deliver", "every", "result", "exactly", "once.",
 ];
+
+/// How long the demo waits for a reply of the probed Redis when `REDIS_URL` is unset.
+const REDIS_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Default)]
 struct AppState {
@@ -75,51 +83,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
 
     let addr: SocketAddr = env_or("ADDR", "127.0.0.1:3000").parse()?;
-    let redis_url = env_or("REDIS_URL", "redis://127.0.0.1:6379");
     let heartbeat = Duration::from_secs(env_secs("HEARTBEAT_SECS", 15)?);
     let stale = Duration::from_secs(env_secs("STALE_SECS", 30)?);
     let sweep = Duration::from_secs(env_secs("GUARDIAN_SECS", 30)?);
     let grace = Duration::from_secs(env_secs("SHUTDOWN_GRACE_SECS", 10)?);
 
-    // The layer and the guardian take a single Redis or a cluster alike.
-    let (layer, guardian, status_routes) = match env::var("REDIS_CLUSTER_NODES") {
-        Ok(nodes) => {
-            let urls: Vec<String> = nodes
-                .split(',')
-                .map(|node| format!("redis://{}", node.trim()))
-                .collect();
-            let client = redis::cluster::ClusterClient::new(urls)
-                .map_err(|e| format!("invalid REDIS_CLUSTER_NODES {nodes:?}: {e}"))?;
-            let cluster = ReconnectingCluster::connect(client).await.map_err(|e| {
-                format!(
-                    "cannot connect to the redis cluster at {nodes}: {e}; check REDIS_CLUSTER_NODES"
-                )
-            })?;
-            tracing::info!(%nodes, "connected to redis cluster");
-            (
-                SseResilienceLayer::new(cluster.clone()),
-                StreamGuardian::new(cluster.clone()),
-                status::routes(cluster),
-            )
-        }
-        Err(_) => {
-            let client = redis::Client::open(redis_url.as_str())
-                .map_err(|e| format!("invalid REDIS_URL {redis_url:?}: {e}"))?;
-            let redis = redis::aio::ConnectionManager::new(client)
-                .await
-                .map_err(|e| {
-                    format!(
-                        "cannot connect to redis at {redis_url}: {e}; start redis-server or set REDIS_URL"
-                    )
-                })?;
-            tracing::info!(%redis_url, "connected to redis");
-            (
-                SseResilienceLayer::new(redis.clone()),
-                StreamGuardian::new(redis.clone()),
-                status::routes(redis),
-            )
-        }
-    };
+    // The recorder goes in first, so the layer's and the guardian's metrics reach it.
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("installing the metrics recorder failed: {e}"))?;
+    let (layer, guardian) = connect_store().await?;
 
     let layer = layer
         .stream_id_source(StreamIdSource::path_segment("/api/stream/"))
@@ -128,6 +101,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .stale_threshold(stale)
         .event_log(EventLog::new());
     let streams = layer.shutdown_handle();
+    let status = layer
+        .status_service()
+        .stream_id_source(StreamIdSource::path_segment("/api/status/"));
 
     let shutdown = CancellationToken::new();
     let guardian = tokio::spawn(
@@ -145,8 +121,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .layer(layer)
         .with_state(AppState::default())
         // Added after the layer: these routes are not streams.
-        .route("/sse-resilience.js", get(client_js))
-        .merge(status_routes);
+        .route_service("/api/status/{id}", status)
+        .route(
+            "/metrics",
+            get(move || std::future::ready(prometheus_text(&metrics))),
+        )
+        .route("/sse-resilience.js", get(client_js));
 
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -183,18 +163,104 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-async fn page() -> Html<&'static str> {
-    Html(include_str!("demo/index.html"))
+/// Connects the store the demo runs on: the cluster of `REDIS_CLUSTER_NODES`,
+/// the Redis of `REDIS_URL`, the Redis of `REDIS_PROBE_URL` when it replies,
+/// or else a memory store. Logs the choice before anything else.
+async fn connect_store() -> Result<(SseResilienceLayer, StreamGuardian), String> {
+    if let Ok(nodes) = env::var("REDIS_CLUSTER_NODES") {
+        let urls: Vec<String> = nodes
+            .split(',')
+            .map(|node| format!("redis://{}", node.trim()))
+            .collect();
+        let client = redis::cluster::ClusterClient::new(urls)
+            .map_err(|e| format!("invalid REDIS_CLUSTER_NODES {nodes:?}: {e}"))?;
+        let cluster = ReconnectingCluster::connect(client).await.map_err(|e| {
+            format!(
+                "cannot connect to the redis cluster at {nodes}: {e}; check REDIS_CLUSTER_NODES"
+            )
+        })?;
+        tracing::info!(%nodes, "connected to redis cluster");
+        return Ok((
+            SseResilienceLayer::new(cluster.clone()),
+            StreamGuardian::new(cluster),
+        ));
+    }
+
+    if let Ok(redis_url) = env::var("REDIS_URL") {
+        let client = redis::Client::open(redis_url.as_str())
+            .map_err(|e| format!("invalid REDIS_URL {redis_url:?}: {e}"))?;
+        let redis = redis::aio::ConnectionManager::new(client)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot connect to redis at {redis_url}: {e}; start redis-server, or unset REDIS_URL to use the in-memory store"
+                )
+            })?;
+        tracing::info!(%redis_url, "connected to redis");
+        return Ok((
+            SseResilienceLayer::new(redis.clone()),
+            StreamGuardian::new(redis),
+        ));
+    }
+
+    let probe_url = env_or("REDIS_PROBE_URL", "redis://127.0.0.1:6379");
+    match probe_redis(&probe_url).await {
+        Ok(redis) => {
+            tracing::info!(redis_url = %probe_url, "connected to redis");
+            Ok((
+                SseResilienceLayer::new(redis.clone()),
+                StreamGuardian::new(redis),
+            ))
+        }
+        Err(reason) => {
+            tracing::warn!(
+                redis_url = %probe_url,
+                %reason,
+                "REDIS_URL is unset and no redis answered: using the in-memory store, so streams live in this process only and are lost when it stops"
+            );
+            let store = MemoryStore::new();
+            Ok((
+                SseResilienceLayer::with_memory_store(store.clone()),
+                StreamGuardian::with_memory_store(store),
+            ))
+        }
+    }
 }
 
-async fn client_js() -> impl IntoResponse {
+/// Connects to the Redis at `url` and checks that it replies to PING, within
+/// [`REDIS_PROBE_TIMEOUT`].
+async fn probe_redis(url: &str) -> Result<redis::aio::ConnectionManager, String> {
+    let connect = async {
+        let client = redis::Client::open(url).map_err(|e| format!("invalid url: {e}"))?;
+        let mut redis = redis::aio::ConnectionManager::new(client)
+            .await
+            .map_err(|e| e.to_string())?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut redis)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(redis)
+    };
+    tokio::time::timeout(REDIS_PROBE_TIMEOUT, connect)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {REDIS_PROBE_TIMEOUT:?}")))
+}
+
+/// Renders the metrics in the Prometheus text format.
+fn prometheus_text(
+    metrics: &PrometheusHandle,
+) -> ([(header::HeaderName, &'static str); 1], String) {
     (
         [(
             header::CONTENT_TYPE,
-            sse_resilience::client::JS_CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
         )],
-        sse_resilience::client::JS,
+        metrics.render(),
     )
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("demo/index.html"))
 }
 
 async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
@@ -282,4 +348,14 @@ async fn wait_for_signal() {
     {
         let _ = ctrl_c.await;
     }
+}
+
+async fn client_js() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            sse_resilience::client::JS_CONTENT_TYPE,
+        )],
+        sse_resilience::client::JS,
+    )
 }

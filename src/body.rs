@@ -273,6 +273,7 @@ where
                         let frame = frame.clone();
                         self.last_activity = now;
                         self.heartbeat_before_data |= !self.data_seen;
+                        crate::metrics::heartbeat_sent();
                         return Poll::Ready(Some(Ok(Frame::data(frame))));
                     }
                     deadline = deadline.min(due);
@@ -426,6 +427,7 @@ impl FollowStream {
                 let due = self.last_activity + *interval;
                 if now >= due {
                     self.last_activity = now;
+                    crate::metrics::heartbeat_sent();
                     return Poll::Ready(Some(Frame::data(frame.clone())));
                 }
                 if due != self.timer_deadline {

@@ -320,6 +320,7 @@ fn answer_from_store(decision: OpenDecision, stream: &StreamRequest) -> Response
     match decision {
         OpenDecision::Replay(event) => {
             tracing::info!(stream_id = %id, "replaying the terminal event of a finished stream");
+            crate::metrics::replay_served();
             let mut response = Response::new(event);
             set_event_stream_headers(response.headers_mut());
             set_stream_id(&mut response, id);

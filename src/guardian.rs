@@ -7,10 +7,12 @@ use redis::aio::ConnectionLike;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    MemoryStore,
     config::{
         DEFAULT_COMPLETION_TTL, DEFAULT_KEY_PREFIX, DEFAULT_REDIS_TIMEOUT, DEFAULT_STALE_THRESHOLD,
         require_non_zero,
     },
+    metrics,
     store::{BoxFuture, Keys, OrphanResult, RedisStore, StaleCandidate, StoreError, now_ms},
     tracker::{SYNTHETIC_EVENT_ID, synthetic_event},
 };
@@ -93,6 +95,19 @@ impl StreamGuardian {
                 settings.redis_timeout,
             ))
         });
+        Self::with_connect(connect)
+    }
+
+    /// Creates a guardian on a [`MemoryStore`]. Give it a clone of the store
+    /// of the layers it guards. The key prefix does not apply to a memory
+    /// store.
+    pub fn with_memory_store(store: MemoryStore) -> Self {
+        Self::with_connect(Arc::new(move |_: &Settings| -> Arc<dyn SweepStore> {
+            Arc::new(store.clone())
+        }))
+    }
+
+    fn with_connect(connect: Arc<ConnectSweepStore>) -> Self {
         let settings = Settings {
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             stale_threshold: DEFAULT_STALE_THRESHOLD,
@@ -204,7 +219,11 @@ impl StreamGuardian {
         let settings = &self.settings;
         let cutoff = now_ms().saturating_sub(settings.stale_threshold.as_millis() as u64);
 
-        let candidates = self.store.stale_candidates(cutoff, settings.batch).await?;
+        let candidates = self
+            .store
+            .stale_candidates(cutoff, settings.batch)
+            .await
+            .inspect_err(|_| metrics::redis_error("sweep"))?;
         if candidates.is_empty() {
             return Ok(SweepReport::default());
         }
@@ -216,7 +235,8 @@ impl StreamGuardian {
         let results = self
             .store
             .mark_orphans(candidates.clone(), events, cutoff, settings.completion_ttl)
-            .await?;
+            .await
+            .inspect_err(|_| metrics::redis_error("sweep"))?;
 
         let mut report = SweepReport::default();
         let mut unindex = Vec::new();
@@ -235,7 +255,11 @@ impl StreamGuardian {
                 OrphanResult::Fresh => report.fresh += 1,
             }
         }
-        self.store.remove_from_index(unindex).await?;
+        metrics::streams_orphaned(report.orphaned.len());
+        self.store
+            .remove_from_index(unindex)
+            .await
+            .inspect_err(|_| metrics::redis_error("sweep"))?;
         Ok(report)
     }
 
@@ -247,6 +271,7 @@ impl StreamGuardian {
         let mut ticker = tokio::time::interval(self.settings.sweep_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
+        metrics::describe_metrics();
         tracing::info!(
             interval_ms = self.settings.sweep_interval.as_millis() as u64,
             stale_threshold_ms = self.settings.stale_threshold.as_millis() as u64,
@@ -290,8 +315,8 @@ impl fmt::Debug for StreamGuardian {
     }
 }
 
-/// The store operations of a sweep.
-trait SweepStore: Send + Sync + 'static {
+/// The store operations of a sweep, implemented by the Redis and the memory stores.
+pub(crate) trait SweepStore: Send + Sync + 'static {
     fn stale_candidates(
         &self,
         cutoff_ms: u64,

@@ -16,6 +16,7 @@ use tower_layer::Layer;
 use bytes::Bytes;
 
 use crate::{
+    MemoryStore,
     config::{Config, heartbeat_frame, require_non_zero, retry_frame},
     follow::FollowPoller,
     log::{EventLog, LogWriter},
@@ -23,6 +24,7 @@ use crate::{
     request::{OwnerSource, StreamIdSource},
     service::SseResilience,
     shutdown::{ShutdownHandle, ShutdownSignal},
+    status::StreamStatusService,
     store::{CountingStore, Keys, RedisStore, Store},
     terminal::TerminalRule,
 };
@@ -83,6 +85,23 @@ impl SseResilienceLayer {
                 config.redis_timeout,
             ))
         });
+        Self::with_connect(connect)
+    }
+
+    /// Creates the layer on a [`MemoryStore`] instead of Redis, for an app
+    /// that runs as a single process. Build the app's
+    /// [`StreamGuardian`](crate::StreamGuardian) on a clone of the same store.
+    ///
+    /// Everything else works as on Redis within the process: replays, 409,
+    /// drains, the event log, resume and follow. The key prefix and the Redis
+    /// time-out do not apply.
+    pub fn with_memory_store(store: MemoryStore) -> Self {
+        Self::with_connect(Arc::new(move |_: &Config| -> Arc<dyn Store> {
+            Arc::new(store.clone())
+        }))
+    }
+
+    fn with_connect(connect: Arc<ConnectStore>) -> Self {
         let config = Config::default();
         let store = connect(&config);
         Self {
@@ -308,6 +327,20 @@ impl SseResilienceLayer {
         ShutdownHandle::new(self.shared())
     }
 
+    /// Returns a service that responds with the recovery status of a stream as
+    /// JSON, with this layer's store, stream id source and owner rule. See
+    /// [`StreamStatusService`] for the responses.
+    ///
+    /// Take it after the last builder call, as the shutdown handle.
+    pub fn status_service(&self) -> StreamStatusService {
+        let shared = self.shared();
+        StreamStatusService::new(
+            shared.store.clone(),
+            self.config.id_source.clone(),
+            self.config.owner_source.clone(),
+        )
+    }
+
     /// Returns the number of Redis calls of this layer that failed or timed
     /// out since it started serving: opens, refresh pipelines, log appends,
     /// follower reads and each attempt to record an end.
@@ -334,6 +367,7 @@ impl SseResilienceLayer {
     fn shared(&self) -> Arc<Shared> {
         self.shared
             .get_or_init(|| {
+                crate::metrics::describe_metrics();
                 let redis_errors = Arc::new(AtomicU64::new(0));
                 let store: Arc<dyn Store> =
                     Arc::new(CountingStore::new(self.store.clone(), redis_errors.clone()));

@@ -21,6 +21,11 @@
 //! [`StreamGuardian`] marks streams whose process died as orphaned, so that a
 //! returning client gets a definite end.
 //!
+//! An app that runs as a single process can use a [`MemoryStore`] in place of
+//! Redis. [`SseResilienceLayer::status_service`] returns a stream's state and
+//! terminal event as JSON, and the [`metrics`] module names the counters and
+//! the gauge recorded through the `metrics` facade.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -87,11 +92,14 @@ mod future;
 mod guardian;
 mod layer;
 mod log;
+mod memory;
+pub mod metrics;
 pub mod parser;
 mod registry;
 mod request;
 mod service;
 mod shutdown;
+mod status;
 mod store;
 mod terminal;
 mod tracker;
@@ -117,6 +125,7 @@ pub use log::{
     DEFAULT_FOLLOW_POLL_INTERVAL, DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_MAX_EVENTS,
     DEFAULT_LOG_MAX_PENDING_BYTES, EventLog,
 };
+pub use memory::{LoggedEvent, MemoryStore};
 pub use parser::EventStreamParser;
 pub use request::{
     InvalidId, MAX_OWNER_LEN, MAX_STREAM_ID_LEN, OwnerSource, StreamId, StreamIdSource,
@@ -124,6 +133,7 @@ pub use request::{
 };
 pub use service::{STREAM_ID_HEADER, SseResilience};
 pub use shutdown::{ShutdownHandle, ShutdownReport};
+pub use status::{StatusFuture, StreamStatusService};
 pub use store::{INDEX_SHARDS, StoreError};
 pub use terminal::{Outcome, TerminalRule};
 

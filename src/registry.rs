@@ -67,7 +67,13 @@ impl Registry {
     pub(crate) fn enter(self: &Arc<Self>, record: Arc<StreamRecord>) -> LiveEntry {
         let start = {
             let mut state = self.lock();
-            state.live.insert(record.id.clone(), record.clone());
+            if state
+                .live
+                .insert(record.id.clone(), record.clone())
+                .is_none()
+            {
+                crate::metrics::live_changed(1.0);
+            }
             state.added.push(RefreshEntry {
                 shard: shard_of(&record.id),
                 id: record.id.clone(),
@@ -99,6 +105,7 @@ impl Registry {
             .is_some_and(|record| &record.claim == claim)
         {
             state.live.remove(id);
+            crate::metrics::live_changed(-1.0);
         }
         if remove_from_index {
             state.removed.push(RefreshEntry {

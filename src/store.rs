@@ -194,9 +194,29 @@ pub(crate) enum RefreshResult {
     NotOurs,
 }
 
-/// The storage operations of the layer. The Redis implementation is
-/// [`RedisStore`]; the layer keeps it as a trait object so that its public
-/// types do not carry the connection type.
+/// The fields of a stream that its recovery status shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct StreamSnapshot {
+    pub state: String,
+    /// Owner of the stream, empty when it has none.
+    pub owner: String,
+    pub stream_type: String,
+    /// Start time, milliseconds since the Unix epoch.
+    pub started_at: u64,
+    /// Time of the last refresh, milliseconds since the Unix epoch.
+    pub last_refresh: u64,
+    /// The recorded terminal event once the stream ended.
+    pub terminal_event: Option<Bytes>,
+    /// Id of the terminal event, `None` when it had none.
+    pub terminal_id: Option<String>,
+    /// The terminal event bytes were cut at the layer's `max_event_bytes`.
+    pub truncated: bool,
+}
+
+/// The storage operations of the layer. The implementations are
+/// [`RedisStore`] and [`MemoryStore`](crate::MemoryStore); the layer keeps
+/// one as a trait object so that its public types do not carry the
+/// connection type.
 pub(crate) trait Store: Send + Sync + 'static {
     fn open(&self, request: OpenRequest) -> BoxFuture<Result<OpenDecision, StoreError>>;
     fn complete(&self, completion: Completion) -> BoxFuture<Result<CompleteResult, StoreError>>;
@@ -222,6 +242,10 @@ pub(crate) trait Store: Send + Sync + 'static {
     ) -> BoxFuture<Result<Vec<i64>, StoreError>>;
     /// Reads the logs of several followers. One batch.
     fn follow(&self, queries: Vec<FollowQuery>) -> BoxFuture<Result<Vec<FollowReply>, StoreError>>;
+    /// Reads the status fields of one stream without changing anything;
+    /// `None` when the stream is unknown or expired. One command on the
+    /// stream's own hash.
+    fn inspect(&self, id: Arc<str>) -> BoxFuture<Result<Option<StreamSnapshot>, StoreError>>;
 }
 
 /// A store that counts the failed calls of the store it wraps.
@@ -235,8 +259,11 @@ impl CountingStore {
         Self { inner, errors }
     }
 
+    /// Counts a failure of `call`, the store operation `operation`, in the
+    /// layer's counter and in the `metrics` facade.
     fn count<T: Send + 'static>(
         &self,
+        operation: &'static str,
         call: BoxFuture<Result<T, StoreError>>,
     ) -> BoxFuture<Result<T, StoreError>> {
         let errors = self.errors.clone();
@@ -244,6 +271,7 @@ impl CountingStore {
             let result = call.await;
             if result.is_err() {
                 errors.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::redis_error(operation);
             }
             result
         })
@@ -252,19 +280,19 @@ impl CountingStore {
 
 impl Store for CountingStore {
     fn open(&self, request: OpenRequest) -> BoxFuture<Result<OpenDecision, StoreError>> {
-        self.count(self.inner.open(request))
+        self.count("open", self.inner.open(request))
     }
 
     fn complete(&self, completion: Completion) -> BoxFuture<Result<CompleteResult, StoreError>> {
-        self.count(self.inner.complete(completion))
+        self.count("complete", self.inner.complete(completion))
     }
 
     fn release(&self, id: Arc<str>, claim: Arc<str>) -> BoxFuture<Result<bool, StoreError>> {
-        self.count(self.inner.release(id, claim))
+        self.count("release", self.inner.release(id, claim))
     }
 
     fn register(&self, records: Vec<Arc<StreamRecord>>) -> BoxFuture<Result<usize, StoreError>> {
-        self.count(self.inner.register(records))
+        self.count("register", self.inner.register(records))
     }
 
     fn refresh(
@@ -274,7 +302,10 @@ impl Store for CountingStore {
         removed: Vec<RefreshEntry>,
         live_ttl: Duration,
     ) -> BoxFuture<Result<Vec<RefreshResult>, StoreError>> {
-        self.count(self.inner.refresh(live, added, removed, live_ttl))
+        self.count(
+            "refresh",
+            self.inner.refresh(live, added, removed, live_ttl),
+        )
     }
 
     fn append(
@@ -282,11 +313,15 @@ impl Store for CountingStore {
         batches: Vec<AppendBatch>,
         limits: LogLimits,
     ) -> BoxFuture<Result<Vec<i64>, StoreError>> {
-        self.count(self.inner.append(batches, limits))
+        self.count("append", self.inner.append(batches, limits))
     }
 
     fn follow(&self, queries: Vec<FollowQuery>) -> BoxFuture<Result<Vec<FollowReply>, StoreError>> {
-        self.count(self.inner.follow(queries))
+        self.count("follow", self.inner.follow(queries))
+    }
+
+    fn inspect(&self, id: Arc<str>) -> BoxFuture<Result<Option<StreamSnapshot>, StoreError>> {
+        self.count("inspect", self.inner.inspect(id))
     }
 }
 
@@ -1171,6 +1206,62 @@ where
             replies.into_iter().map(parse_follow_reply).collect()
         })
     }
+
+    fn inspect(&self, id: Arc<str>) -> BoxFuture<Result<Option<StreamSnapshot>, StoreError>> {
+        let store = self.clone_store();
+        Box::pin(async move {
+            // One key, so one slot: a cluster connection routes it to that slot's master.
+            let mut hmget = redis::cmd("HMGET");
+            hmget.arg(store.keys.stream(&id)).arg(&SNAPSHOT_FIELDS[..]);
+            let mut conn = store.conn.clone();
+            let values: Vec<Option<Vec<u8>>> = store.timed(hmget.query_async(&mut conn)).await?;
+            parse_snapshot(values)
+        })
+    }
+}
+
+/// The hash fields a [`StreamSnapshot`] is read from, in the order
+/// [`parse_snapshot`] expects them.
+const SNAPSHOT_FIELDS: [&str; 8] = [
+    "state",
+    "owner",
+    "type",
+    "started_at",
+    "last_refresh",
+    "terminal_event",
+    "terminal_id",
+    "truncated",
+];
+
+fn parse_snapshot(values: Vec<Option<Vec<u8>>>) -> Result<Option<StreamSnapshot>, StoreError> {
+    if values.len() != SNAPSHOT_FIELDS.len() {
+        return Err(StoreError::unexpected(format!(
+            "HMGET returned {} values for {} fields",
+            values.len(),
+            SNAPSHOT_FIELDS.len()
+        )));
+    }
+    let mut values = values.into_iter();
+    let mut next = || values.next().flatten();
+    let text = |value: Option<Vec<u8>>| value.map(|v| String::from_utf8_lossy(&v).into_owned());
+    let number = |value: Option<Vec<u8>>| -> u64 {
+        value
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let Some(state) = text(next()) else {
+        return Ok(None);
+    };
+    Ok(Some(StreamSnapshot {
+        state,
+        owner: text(next()).unwrap_or_default(),
+        stream_type: text(next()).unwrap_or_default(),
+        started_at: number(next()),
+        last_refresh: number(next()),
+        terminal_event: next().map(Bytes::from),
+        terminal_id: text(next()).filter(|id| !id.is_empty()),
+        truncated: next().is_some_and(|v| v == b"1"),
+    }))
 }
 
 fn parse_follow_reply(reply: Value) -> Result<FollowReply, StoreError> {

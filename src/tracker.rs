@@ -91,6 +91,9 @@ impl Tracker {
             }),
             _ => None,
         };
+        if entry.is_some() {
+            crate::metrics::stream_opened();
+        }
         Self {
             shared,
             entry,
@@ -226,6 +229,7 @@ impl Tracker {
         let Some(entry) = self.entry.take() else {
             return;
         };
+        crate::metrics::stream_ended(outcome, reason);
         let completion = Completion {
             id: entry.id().clone(),
             claim: entry.claim().clone(),

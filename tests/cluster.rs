@@ -122,6 +122,41 @@ async fn finished_stream_replays_without_inner_call() {
 }
 
 #[tokio::test]
+async fn status_read_on_every_master() {
+    let cluster = shared_cluster();
+    let prefix = unique_prefix("cluster_status");
+    let conn = cluster.connect().await;
+    let layer = layer(&conn, &prefix);
+    let status = layer
+        .status_service()
+        .stream_id_source(sse_resilience::StreamIdSource::path_segment("/status/"));
+    let server =
+        TestServer::start_with(layer, Router::new().route_service("/status/{id}", status)).await;
+
+    // Ids whose slots spread over the three masters.
+    let ids: Vec<String> = (0..12).map(|i| format!("st{i}")).collect();
+    for id in &ids {
+        server
+            .get(&format!("/fixed?stream_id={id}"))
+            .await
+            .bytes()
+            .await
+            .unwrap();
+    }
+    for id in &ids {
+        wait_for_state(&conn, &prefix, id, "completed").await;
+        let response = server.get(&format!("/status/{id}")).await;
+        assert_eq!(response.status(), 200, "status of {id}");
+        let status: serde_json::Value =
+            serde_json::from_str(&response.text().await.unwrap()).unwrap();
+        assert_eq!(status["state"], "completed", "{status}");
+        assert_eq!(status["terminal"]["id"], "2", "{status}");
+    }
+    let unknown = server.get("/status/never-opened").await;
+    assert_eq!(unknown.status(), 404);
+}
+
+#[tokio::test]
 async fn live_id_conflicts_without_log() {
     let cluster = shared_cluster();
     let prefix = unique_prefix("cluster_conflict");

@@ -1,6 +1,7 @@
 //! The guardian against a real Redis: streams abandoned by a crashed server are
 //! marked orphaned exactly once, live streams are left alone, dangling index
-//! entries are removed, and the run loop stops and survives Redis outages.
+//! entries are removed, and the run loop stops and survives Redis outages. The
+//! orphan cases run on the memory store too.
 
 mod common;
 mod support;
@@ -86,9 +87,9 @@ fn count_orphaned<'a>(
     counts
 }
 
-async fn all_orphaned(conn: &mut ConnectionManager, prefix: &str, ids: &[String]) -> bool {
+async fn all_orphaned(backend: &Backend, ids: &[String]) -> bool {
     for id in ids {
-        if state_of(conn, prefix, id).await.as_deref() != Some("orphaned") {
+        if backend.state(id).await.as_deref() != Some("orphaned") {
             return false;
         }
     }
@@ -96,13 +97,12 @@ async fn all_orphaned(conn: &mut ConnectionManager, prefix: &str, ids: &[String]
 }
 
 /// Sweeps with every guardian concurrently, round after round, until every
-/// id is orphaned in Redis, then a few rounds more. Returns every report.
+/// id is orphaned, then a few rounds more. Returns every report.
 async fn sweep_until_orphaned(
     guardians: &[StreamGuardian],
-    prefix: &str,
+    backend: &Backend,
     ids: &[String],
 ) -> Vec<SweepReport> {
-    let mut conn = redis().await;
     let mut reports = Vec::new();
     let mut extra = None;
     for _ in 0..MAX_ROUNDS {
@@ -111,7 +111,7 @@ async fn sweep_until_orphaned(
             reports.push(result.expect("sweep failed"));
         }
         match extra {
-            None if all_orphaned(&mut conn, prefix, ids).await => extra = Some(EXTRA_ROUNDS),
+            None if all_orphaned(backend, ids).await => extra = Some(EXTRA_ROUNDS),
             Some(0) => return reports,
             Some(rounds) => extra = Some(rounds - 1),
             None => {}
@@ -122,8 +122,8 @@ async fn sweep_until_orphaned(
 }
 
 /// Checks the replay of an orphaned stream through a fresh server.
-async fn assert_orphan_replay(prefix: &str, id: &str, event_type: &str) {
-    let server = TestServer::start(SseResilienceLayer::new(redis().await).key_prefix(prefix)).await;
+async fn assert_orphan_replay(backend: &Backend, id: &str, event_type: &str) {
+    let server = TestServer::start(backend.layer()).await;
     let replay = server.get(&format!("/sse?stream_id={id}")).await;
     assert_eq!(replay.status(), 200);
     let event = parse_synthetic(&replay.text().await.unwrap());
@@ -139,57 +139,58 @@ async fn assert_orphan_replay(prefix: &str, id: &str, event_type: &str) {
     );
 }
 
-#[tokio::test]
-async fn two_guardians_orphan_once() {
-    let prefix = unique_prefix("guardian_once");
-    let id = "g1".to_owned();
-    abandon_streams(&prefix, std::slice::from_ref(&id), STALE).await;
-    let mut conn = redis().await;
-    assert_eq!(
-        state_of(&mut conn, &prefix, &id).await.as_deref(),
-        Some("active")
-    );
+/// Returns a guardian on `backend` with the tests' stale threshold.
+fn guardian_on(backend: &Backend) -> StreamGuardian {
+    backend.guardian().stale_threshold(STALE)
+}
 
-    let guardians = [guardian(&prefix).await, guardian(&prefix).await];
-    let reports = sweep_until_orphaned(&guardians, &prefix, std::slice::from_ref(&id)).await;
+backend_tests!(
+    two_guardians_orphan_once,
+    many_guardians_orphan_each_once,
+    fresh_stream_not_orphaned,
+    orphan_event_type_changes_replay,
+);
+
+async fn two_guardians_orphan_once(backend: Backend) {
+    let id = "g1".to_owned();
+    abandon_streams_on(&backend, std::slice::from_ref(&id), STALE).await;
+    assert_eq!(backend.state(&id).await.as_deref(), Some("active"));
+
+    let guardians = [guardian_on(&backend), guardian_on(&backend)];
+    let reports = sweep_until_orphaned(&guardians, &backend, std::slice::from_ref(&id)).await;
     let counts = count_orphaned(&reports);
     assert_eq!(counts.get(&id), Some(&1), "orphaned counts: {counts:?}");
     assert_eq!(counts.len(), 1, "orphaned counts: {counts:?}");
 
+    assert_eq!(backend.state(&id).await.as_deref(), Some("orphaned"));
     assert_eq!(
-        state_of(&mut conn, &prefix, &id).await.as_deref(),
+        backend.field(&id, "reason").await.as_deref(),
         Some("orphaned")
     );
-    assert_eq!(
-        stream_field(&mut conn, &prefix, &id, "reason")
-            .await
-            .as_deref(),
-        Some("orphaned")
-    );
-    assert_eq!(index_score(&mut conn, &prefix, &id).await, None);
-    let ttl = pttl(&mut conn, &stream_key(&prefix, &id)).await;
-    assert!(ttl > 0, "orphaned hash PTTL is {ttl}");
-    assert!(
-        ttl <= 300_000,
-        "orphaned hash PTTL {ttl} ms exceeds the default completion TTL of 5 minutes"
-    );
-    assert_orphan_replay(&prefix, &id, "failed").await;
+    assert!(!is_indexed(&backend, &id).await, "{id} is still indexed");
+    if let Backend::Redis { conn, prefix, .. } = &backend {
+        let ttl = pttl(&mut conn.clone(), &stream_key(prefix, &id)).await;
+        assert!(ttl > 0, "orphaned hash PTTL is {ttl}");
+        assert!(
+            ttl <= 300_000,
+            "orphaned hash PTTL {ttl} ms exceeds the default completion TTL of 5 minutes"
+        );
+    }
+    assert_orphan_replay(&backend, &id, "failed").await;
 }
 
-#[tokio::test]
-async fn many_guardians_orphan_each_once() {
-    let prefix = unique_prefix("guardian_many");
+async fn many_guardians_orphan_each_once(backend: Backend) {
     let ids = ids("a", 40);
-    abandon_streams(&prefix, &ids, STALE).await;
+    abandon_streams_on(&backend, &ids, STALE).await;
 
     // Small batches on two guardians spread the candidates over several sweeps.
     let guardians = [
-        guardian(&prefix).await,
-        guardian(&prefix).await,
-        guardian(&prefix).await.batch_size(1),
-        guardian(&prefix).await.batch_size(2),
+        guardian_on(&backend),
+        guardian_on(&backend),
+        guardian_on(&backend).batch_size(1),
+        guardian_on(&backend).batch_size(2),
     ];
-    let reports = sweep_until_orphaned(&guardians, &prefix, &ids).await;
+    let reports = sweep_until_orphaned(&guardians, &backend, &ids).await;
     let counts = count_orphaned(&reports);
     for id in &ids {
         assert_eq!(
@@ -205,31 +206,23 @@ async fn many_guardians_orphan_each_once() {
         "unexpected ids orphaned: {counts:?}"
     );
 
-    let mut conn = redis().await;
     for id in &ids {
-        assert_eq!(
-            index_score(&mut conn, &prefix, id).await,
-            None,
+        assert!(
+            !is_indexed(&backend, id).await,
             "stream {id} is still indexed"
         );
     }
 }
 
-#[tokio::test]
-async fn fresh_stream_not_orphaned() {
-    let prefix = unique_prefix("guardian_fresh");
-    let layer = SseResilienceLayer::new(redis().await)
-        .key_prefix(&prefix)
-        .stale_threshold(STALE)
-        .without_heartbeats();
+async fn fresh_stream_not_orphaned(backend: Backend) {
+    let layer = backend.layer().stale_threshold(STALE).without_heartbeats();
     let server = TestServer::start(layer).await;
     let mut response = server.get("/sse?stream_id=live1").await;
     let stream = server.scripted.next_stream().await;
     stream.send(TOKEN);
     read_until(&mut response, |bytes| contains(bytes, b"\n\n")).await;
 
-    let guardian = guardian(&prefix).await;
-    let mut conn = redis().await;
+    let guardian = guardian_on(&backend);
     for _ in 0..30 {
         let report = guardian.sweep().await.unwrap();
         assert!(
@@ -242,17 +235,14 @@ async fn fresh_stream_not_orphaned() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        state_of(&mut conn, &prefix, "live1").await.as_deref(),
-        Some("active")
-    );
-    assert!(index_score(&mut conn, &prefix, "live1").await.is_some());
+    assert_eq!(backend.state("live1").await.as_deref(), Some("active"));
+    assert!(is_indexed(&backend, "live1").await);
 
     // The client still gets the rest of the stream.
     stream.send(COMPLETED);
     let rest = read_until(&mut response, |bytes| contains(bytes, b"\n\n")).await;
     assert_eq!(rest, COMPLETED.as_bytes());
-    wait_for_state(&prefix, "live1", "completed").await;
+    backend.wait_for_state("live1", "completed").await;
 }
 
 #[tokio::test]
@@ -401,16 +391,14 @@ async fn run_until_stops_on_shutdown() {
         .expect("the guardian task panicked");
 }
 
-#[tokio::test]
-async fn orphan_event_type_changes_replay() {
-    let prefix = unique_prefix("guardian_event_type");
+async fn orphan_event_type_changes_replay(backend: Backend) {
     let id = "et1".to_owned();
-    abandon_streams(&prefix, std::slice::from_ref(&id), STALE).await;
+    abandon_streams_on(&backend, std::slice::from_ref(&id), STALE).await;
 
-    let guardians = [guardian(&prefix).await.orphan_event_type("error")];
-    let reports = sweep_until_orphaned(&guardians, &prefix, std::slice::from_ref(&id)).await;
+    let guardians = [guardian_on(&backend).orphan_event_type("error")];
+    let reports = sweep_until_orphaned(&guardians, &backend, std::slice::from_ref(&id)).await;
     assert_eq!(count_orphaned(&reports).get(&id), Some(&1));
-    assert_orphan_replay(&prefix, &id, "error").await;
+    assert_orphan_replay(&backend, &id, "error").await;
 }
 
 #[tokio::test]

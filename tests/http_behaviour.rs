@@ -11,7 +11,6 @@ use std::{
 use bytes::Bytes;
 use common::*;
 use http::HeaderName;
-use redis::aio::ConnectionManager;
 use reqwest::{StatusCode, header::HeaderMap};
 use sse_resilience::{EventStreamParser, SseResilienceLayer, TerminalRule};
 
@@ -22,10 +21,10 @@ const IDLE: Duration = Duration::from_millis(120);
 
 const HEARTBEAT: &[u8] = b":heartbeat\n\n";
 
-/// A server behind a layer with its own key prefix, and a Redis connection.
+/// A server behind a layer on its own backend: the test Redis under a key
+/// prefix of its own, or a memory store.
 struct Harness {
-    prefix: String,
-    conn: ConnectionManager,
+    backend: Backend,
     server: TestServer,
 }
 
@@ -34,15 +33,15 @@ impl Harness {
         test: &str,
         configure: impl FnOnce(SseResilienceLayer) -> SseResilienceLayer,
     ) -> Self {
-        let prefix = unique_prefix(test);
-        let conn = redis().await;
-        let layer = configure(SseResilienceLayer::new(conn.clone()).key_prefix(&prefix));
-        let server = TestServer::start(layer).await;
-        Self {
-            prefix,
-            conn,
-            server,
-        }
+        Self::on(Backend::redis(test).await, configure).await
+    }
+
+    async fn on(
+        backend: Backend,
+        configure: impl FnOnce(SseResilienceLayer) -> SseResilienceLayer,
+    ) -> Self {
+        let server = TestServer::start(configure(backend.layer())).await;
+        Self { backend, server }
     }
 
     /// Starts a server whose heartbeats are sent every `HEARTBEAT_INTERVAL`.
@@ -51,46 +50,22 @@ impl Harness {
     }
 
     async fn field(&self, id: &str, field: &str) -> Option<String> {
-        stream_field(&mut self.conn.clone(), &self.prefix, id, field).await
+        self.backend.field(id, field).await
     }
 
     async fn state(&self, id: &str) -> Option<String> {
-        self.field(id, "state").await
+        self.backend.state(id).await
     }
 
     async fn wait_for_state(&self, id: &str, expected: &str) {
-        let condition = format!("stream {id} has state {expected}");
-        eventually(&condition, || {
-            let mut conn = self.conn.clone();
-            let prefix = self.prefix.clone();
-            let id = id.to_owned();
-            let expected = expected.to_owned();
-            async move {
-                stream_field(&mut conn, &prefix, &id, "state")
-                    .await
-                    .as_deref()
-                    == Some(expected.as_str())
-            }
-        })
-        .await;
-    }
-
-    async fn stream_key_exists(&self, id: &str) -> bool {
-        let key = format!("{}{{{id}}}", self.prefix);
-        redis::cmd("EXISTS")
-            .arg(key)
-            .query_async::<i64>(&mut self.conn.clone())
-            .await
-            .unwrap()
-            == 1
+        self.backend.wait_for_state(id, expected).await;
     }
 
     async fn wait_for_no_key(&self, id: &str) {
         let condition = format!("stream {id} has no key");
-        eventually(
-            &condition,
-            || async move { !self.stream_key_exists(id).await },
-        )
+        eventually(&condition, || async move {
+            self.backend.state(id).await.is_none()
+        })
         .await;
     }
 
@@ -616,11 +591,22 @@ async fn wait_for_late_writes() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
+// Replay of a finished stream, owners, conflicts and released claims, on
+// both backends.
+
+backend_tests!(
+    terminal_replayed_without_inner_call,
+    last_event_id_selects_replay,
+    other_owner_gets_404,
+    live_stream_of_other_owner_404,
+    live_id_gets_409,
+    json_response_passes_through,
+);
+
 // Replay of a finished stream.
 
-#[tokio::test]
-async fn terminal_replayed_without_inner_call() {
-    let harness = Harness::start("replay", |layer| layer).await;
+async fn terminal_replayed_without_inner_call(backend: Backend) {
+    let harness = Harness::on(backend, |layer| layer).await;
     let terminal: &[u8] =
         b"id: 7\nevent: completed\ndata: {\"type\":\"completed\",\"text\":\"ok\"}\n\n";
     let mut stream = harness.open("/sse?stream_id=r1").await;
@@ -639,9 +625,8 @@ async fn terminal_replayed_without_inner_call() {
     assert_eq!(harness.server.scripted.calls(), 1);
 }
 
-#[tokio::test]
-async fn last_event_id_selects_replay() {
-    let harness = Harness::start("last_event_id", |layer| layer).await;
+async fn last_event_id_selects_replay(backend: Backend) {
+    let harness = Harness::on(backend, |layer| layer).await;
     let terminal: &[u8] =
         b"id: 2\nevent: completed\ndata: {\"type\":\"completed\",\"text\":\"done\"}\n\n";
     harness.fetch("/fixed?stream_id=f", &[]).await;
@@ -671,9 +656,8 @@ async fn last_event_id_selects_replay() {
 
 // Owners.
 
-#[tokio::test]
-async fn other_owner_gets_404() {
-    let harness = Harness::start("owner", |layer| {
+async fn other_owner_gets_404(backend: Backend) {
+    let harness = Harness::on(backend, |layer| {
         layer.owner_header(HeaderName::from_static("x-user-id"))
     })
     .await;
@@ -701,9 +685,8 @@ async fn other_owner_gets_404() {
     assert_eq!(harness.server.scripted.calls(), 1);
 }
 
-#[tokio::test]
-async fn live_stream_of_other_owner_404() {
-    let harness = Harness::start("owner_live", |layer| {
+async fn live_stream_of_other_owner_404(backend: Backend) {
+    let harness = Harness::on(backend, |layer| {
         layer.owner_header(HeaderName::from_static("x-user-id"))
     })
     .await;
@@ -730,9 +713,8 @@ async fn live_stream_of_other_owner_404() {
 
 // Conflicts.
 
-#[tokio::test]
-async fn live_id_gets_409() {
-    let harness = Harness::start("conflict", |layer| layer).await;
+async fn live_id_gets_409(backend: Backend) {
+    let harness = Harness::on(backend, |layer| layer).await;
     let stream = harness.open("/sse?stream_id=live-1").await;
     assert_eq!(stream.status, StatusCode::OK);
 
@@ -752,9 +734,8 @@ async fn live_id_gets_409() {
 
 // Responses that are not event streams.
 
-#[tokio::test]
-async fn json_response_passes_through() {
-    let harness = Harness::start("json", |layer| layer).await;
+async fn json_response_passes_through(backend: Backend) {
+    let harness = Harness::on(backend, |layer| layer).await;
 
     let (status, headers, body) = harness.fetch("/json?stream_id=x", &[]).await;
 
@@ -853,10 +834,8 @@ async fn invalid_ids_get_400() {
         );
     }
 
-    assert_eq!(
-        keys_under(&mut harness.conn.clone(), &harness.prefix).await,
-        Vec::<String>::new()
-    );
+    let (mut conn, prefix) = harness.backend.redis_parts();
+    assert_eq!(keys_under(&mut conn, prefix).await, Vec::<String>::new());
     assert_eq!(harness.server.scripted.calls(), 0);
 }
 

@@ -1,6 +1,7 @@
 //! Stream lifecycle against a real Redis and a real server: client drops,
 //! draining, failures recorded on the stream's behalf, registry refreshes, key
-//! TTLs, and serving while Redis is down.
+//! TTLs, and serving while Redis is down. The drain and failure cases run on
+//! the memory store too.
 
 mod common;
 mod support;
@@ -75,10 +76,17 @@ async fn synthetic_replay(server: &TestServer, id: &str) -> SyntheticEvent {
     parse_synthetic(&replay.text().await.unwrap())
 }
 
-#[tokio::test]
-async fn client_drop_drains_to_completion() {
-    let prefix = unique_prefix("drain_completion");
-    let server = TestServer::start(base_layer(&prefix).await).await;
+backend_tests!(
+    client_drop_drains_to_completion,
+    request_while_draining_conflicts,
+    zero_drain_timeout_fails_at_once,
+    drain_timeout_fails_stream,
+    inner_body_error_fails_stream,
+    missing_terminal_event_fails_stream,
+);
+
+async fn client_drop_drains_to_completion(backend: Backend) {
+    let server = TestServer::start(backend.layer().without_heartbeats()).await;
 
     let (response, stream) = open_with_token(&server, "d1").await;
     drop(response);
@@ -87,18 +95,15 @@ async fn client_drop_drains_to_completion() {
         !stream.is_dropped(),
         "the inner body was dropped instead of drained"
     );
-    assert_eq!(
-        state_of(&mut redis().await, &prefix, "d1").await.as_deref(),
-        Some("active")
-    );
+    assert_eq!(backend.state("d1").await.as_deref(), Some("active"));
 
     stream.send(COMPLETED);
-    wait_for_state(&prefix, "d1", "completed").await;
+    backend.wait_for_state("d1", "completed").await;
     assert_eq!(
-        field(&prefix, "d1", "terminal_id").await.as_deref(),
+        backend.field("d1", "terminal_id").await.as_deref(),
         Some("7")
     );
-    assert_eq!(field(&prefix, "d1", "reason").await.as_deref(), Some(""));
+    assert_eq!(backend.field("d1", "reason").await.as_deref(), Some(""));
     wait_until_dropped(&stream, "the drain stops after the terminal event").await;
 
     let replay = server.get("/sse?stream_id=d1").await;
@@ -107,10 +112,8 @@ async fn client_drop_drains_to_completion() {
     assert_eq!(server.scripted.calls(), 1);
 }
 
-#[tokio::test]
-async fn request_while_draining_conflicts() {
-    let prefix = unique_prefix("drain_conflict");
-    let server = TestServer::start(base_layer(&prefix).await).await;
+async fn request_while_draining_conflicts(backend: Backend) {
+    let server = TestServer::start(backend.layer().without_heartbeats()).await;
 
     let (response, stream) = open_with_token(&server, "c1").await;
     drop(response);
@@ -138,29 +141,30 @@ async fn request_while_draining_conflicts() {
 
     // Once the drain records the end, requests for the same id get the replay from Redis.
     stream.send(COMPLETED);
-    wait_for_state(&prefix, "c1", "completed").await;
+    backend.wait_for_state("c1", "completed").await;
     let replay = server.get("/sse?stream_id=c1").await;
     assert_eq!(replay.status(), 200);
     assert_eq!(replay.text().await.unwrap(), COMPLETED);
     assert_eq!(server.scripted.calls(), 1);
 }
 
-#[tokio::test]
-async fn zero_drain_timeout_fails_at_once() {
-    let prefix = unique_prefix("drain_zero");
-    let layer = base_layer(&prefix).await.drain_timeout(Duration::ZERO);
+async fn zero_drain_timeout_fails_at_once(backend: Backend) {
+    let layer = backend
+        .layer()
+        .without_heartbeats()
+        .drain_timeout(Duration::ZERO);
     let server = TestServer::start(layer).await;
 
     let (response, stream) = open_with_token(&server, "z1").await;
     drop(response);
     wait_until_dropped(&stream, "the inner body is dropped with the client").await;
-    wait_for_state(&prefix, "z1", "failed").await;
+    backend.wait_for_state("z1", "failed").await;
     assert_eq!(
-        field(&prefix, "z1", "reason").await.as_deref(),
+        backend.field("z1", "reason").await.as_deref(),
         Some("client_disconnected")
     );
     assert_eq!(
-        field(&prefix, "z1", "terminal_id").await.as_deref(),
+        backend.field("z1", "terminal_id").await.as_deref(),
         Some("_end")
     );
 
@@ -197,19 +201,18 @@ async fn zero_drain_timeout_fails_at_once() {
     assert_eq!(server.scripted.calls(), 1);
 }
 
-#[tokio::test]
-async fn drain_timeout_fails_stream() {
-    let prefix = unique_prefix("drain_timeout");
-    let layer = base_layer(&prefix)
-        .await
+async fn drain_timeout_fails_stream(backend: Backend) {
+    let layer = backend
+        .layer()
+        .without_heartbeats()
         .drain_timeout(Duration::from_millis(300));
     let server = TestServer::start(layer).await;
 
     let (response, stream) = open_with_token(&server, "t1").await;
     drop(response);
-    wait_for_state(&prefix, "t1", "failed").await;
+    backend.wait_for_state("t1", "failed").await;
     assert_eq!(
-        field(&prefix, "t1", "reason").await.as_deref(),
+        backend.field("t1", "reason").await.as_deref(),
         Some("drain_timeout")
     );
     wait_until_dropped(&stream, "the inner body is dropped after the drain timeout").await;
@@ -220,10 +223,8 @@ async fn drain_timeout_fails_stream() {
     assert_eq!(event.data["reason"], "drain_timeout");
 }
 
-#[tokio::test]
-async fn inner_body_error_fails_stream() {
-    let prefix = unique_prefix("body_error");
-    let server = TestServer::start(base_layer(&prefix).await).await;
+async fn inner_body_error_fails_stream(backend: Backend) {
+    let server = TestServer::start(backend.layer().without_heartbeats()).await;
 
     let (mut response, stream) = open_with_token(&server, "e1").await;
     stream.fail();
@@ -236,9 +237,9 @@ async fn inner_body_error_fails_stream() {
         Ok(Some(chunk)) => panic!("unexpected bytes after the inner body failed: {chunk:?}"),
     }
 
-    wait_for_state(&prefix, "e1", "failed").await;
+    backend.wait_for_state("e1", "failed").await;
     assert_eq!(
-        field(&prefix, "e1", "reason").await.as_deref(),
+        backend.field("e1", "reason").await.as_deref(),
         Some("body_error")
     );
     wait_until_dropped(&stream, "the failed inner body is dropped").await;
@@ -248,10 +249,8 @@ async fn inner_body_error_fails_stream() {
     assert_eq!(server.scripted.calls(), 1);
 }
 
-#[tokio::test]
-async fn missing_terminal_event_fails_stream() {
-    let prefix = unique_prefix("no_terminal");
-    let server = TestServer::start(base_layer(&prefix).await).await;
+async fn missing_terminal_event_fails_stream(backend: Backend) {
+    let server = TestServer::start(backend.layer().without_heartbeats()).await;
 
     let (mut response, stream) = open_with_token(&server, "n1").await;
     drop(stream);
@@ -261,9 +260,9 @@ async fn missing_terminal_event_fails_stream() {
         "unexpected bytes after the inner body ended: {rest:?}"
     );
 
-    wait_for_state(&prefix, "n1", "failed").await;
+    backend.wait_for_state("n1", "failed").await;
     assert_eq!(
-        field(&prefix, "n1", "reason").await.as_deref(),
+        backend.field("n1", "reason").await.as_deref(),
         Some("no_terminal_event")
     );
     let event = synthetic_replay(&server, "n1").await;

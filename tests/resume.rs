@@ -1,6 +1,8 @@
 //! Resuming and following streams from the event log, through real servers
 //! and a real Redis: cut clients, a second instance, followers, gaps, ended
-//! streams, assigned ids, owners and key TTLs.
+//! streams, assigned ids, owners and key TTLs. The resume, follow and gap
+//! cases run on the memory store too, where a second instance is a second
+//! layer on the same store.
 
 mod common;
 mod resume_support;
@@ -29,7 +31,12 @@ async fn open(server: &TestServer, id: &str) -> (reqwest::Response, ScriptedStre
 
 /// Runs stream `id` to its end with `events` and waits until it is recorded
 /// and its terminal event is logged.
-async fn run_to_end(server: &TestServer, prefix: &str, id: &str, events: &[Vec<u8>]) -> Vec<u8> {
+async fn run_to_end(
+    server: &TestServer,
+    backend: &Backend,
+    id: &str,
+    events: &[Vec<u8>],
+) -> Vec<u8> {
     let (mut response, stream) = open(server, id).await;
     for event in events {
         stream.send(event.clone());
@@ -37,9 +44,8 @@ async fn run_to_end(server: &TestServer, prefix: &str, id: &str, events: &[Vec<u
     // The client's body ends when the inner body does.
     drop(stream);
     let received = strip_heartbeats(&read_to_end(&mut response).await);
-    let conn = redis().await;
-    wait_for_state(&conn, prefix, id, "completed").await;
-    wait_for_terminal_logged(&conn, prefix, id).await;
+    backend.wait_for_state(id, "completed").await;
+    wait_for_terminal_logged_on(backend, id).await;
     received
 }
 
@@ -71,14 +77,22 @@ struct CutRun {
     seen: Vec<u8>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cut_clients_resume_exactly() {
+backend_tests!(multi_thread: cut_clients_resume_exactly);
+
+backend_tests!(
+    resume_on_other_instance,
+    follower_joins_mid_stream,
+    unknown_id_gets_gap_event,
+    trimmed_log_reports_gap,
+    byte_limit_trims_log,
+    follower_gets_recorded_failure,
+);
+
+async fn cut_clients_resume_exactly(backend: Backend) {
     const STREAMS: usize = 200;
     const TOKENS: u32 = 20;
-    let prefix = unique_prefix("resume_cut");
-    let conn = redis().await;
-    let layer = SseResilienceLayer::new(conn.clone())
-        .key_prefix(&prefix)
+    let layer = backend
+        .layer()
         .heartbeat_interval(Duration::from_millis(50))
         .event_log(fast_log().assign_ids(false));
     let server = Arc::new(TestServer::start(layer).await);
@@ -120,8 +134,7 @@ async fn cut_clients_resume_exactly() {
         let id = format!("cut-{number}");
         let cut_after = 1 + rng.below(u64::from(TOKENS)) as u32;
         let server = server.clone();
-        let conn = conn.clone();
-        let prefix = prefix.clone();
+        let backend = backend.clone();
         clients.push(tokio::spawn(async move {
             let mut first = server.get(&format!("/sse?stream_id={id}")).await;
             let first_status = first.status().as_u16();
@@ -139,7 +152,7 @@ async fn cut_clients_resume_exactly() {
             let mut seen = received[..end].to_vec();
 
             // Log appends are asynchronous, so the client resumes once its last event is logged.
-            wait_for_logged(&conn, &prefix, &id, &cut_after.to_string()).await;
+            wait_for_logged_on(&backend, &id, &cut_after.to_string()).await;
             let mut second = get_with(
                 &server,
                 &format!("/sse?stream_id={id}"),
@@ -179,12 +192,9 @@ async fn cut_clients_resume_exactly() {
     assert_eq!(server.scripted.calls(), STREAMS);
 }
 
-#[tokio::test]
-async fn resume_on_other_instance() {
-    let prefix = unique_prefix("resume_other");
-    let conn = redis().await;
-    let server_a = TestServer::start(log_layer(&prefix, fast_log()).await).await;
-    let server_b = TestServer::start(log_layer(&prefix, fast_log()).await).await;
+async fn resume_on_other_instance(backend: Backend) {
+    let server_a = TestServer::start(backend.layer().event_log(fast_log())).await;
+    let server_b = TestServer::start(backend.layer().event_log(fast_log())).await;
     let events = run_events(20);
 
     let (mut first, stream) = open(&server_a, "x1").await;
@@ -205,7 +215,7 @@ async fn resume_on_other_instance() {
     // A keeps producing while the client is away.
     stream.send(token(6));
     stream.send(token(7));
-    wait_for_logged(&conn, &prefix, "x1", "5").await;
+    wait_for_logged_on(&backend, "x1", "5").await;
     let mut resumed = get_with(&server_b, "/sse?stream_id=x1", &[("last-event-id", "5")]).await;
     assert_eq!(resumed.status(), 200);
     assert_eq!(content_type(&resumed), "text/event-stream");
@@ -232,14 +242,11 @@ async fn resume_on_other_instance() {
     );
     assert_eq!(server_b.scripted.calls(), 0);
     assert_eq!(server_a.scripted.calls(), 1);
-    wait_for_state(&conn, &prefix, "x1", "completed").await;
+    backend.wait_for_state("x1", "completed").await;
 }
 
-#[tokio::test]
-async fn follower_joins_mid_stream() {
-    let prefix = unique_prefix("resume_follow");
-    let conn = redis().await;
-    let server = TestServer::start(log_layer(&prefix, fast_log()).await).await;
+async fn follower_joins_mid_stream(backend: Backend) {
+    let server = TestServer::start(backend.layer().event_log(fast_log())).await;
     let events = run_events(20);
 
     let (mut producer_client, stream) = open(&server, "f1").await;
@@ -250,7 +257,7 @@ async fn follower_joins_mid_stream() {
         contains(&strip_heartbeats(bytes), &token(5))
     })
     .await;
-    wait_for_logged(&conn, &prefix, "f1", "1").await;
+    wait_for_logged_on(&backend, "f1", "1").await;
 
     let mut follower = server.get("/sse?stream_id=f1").await;
     assert_eq!(follower.status(), 200);
@@ -286,18 +293,15 @@ async fn follower_joins_mid_stream() {
     assert_eq!(server.scripted.calls(), 1);
 }
 
-#[tokio::test]
-async fn unknown_id_gets_gap_event() {
-    let prefix = unique_prefix("resume_unknown");
-    let conn = redis().await;
-    let server = TestServer::start(log_layer(&prefix, fast_log()).await).await;
+async fn unknown_id_gets_gap_event(backend: Backend) {
+    let server = TestServer::start(backend.layer().event_log(fast_log())).await;
     let events = run_events(20);
 
     let (_client, stream) = open(&server, "u1").await;
     for event in &events[..5] {
         stream.send(event.clone());
     }
-    wait_for_logged(&conn, &prefix, "u1", "5").await;
+    wait_for_logged_on(&backend, "u1", "5").await;
 
     let mut resumed = get_with(&server, "/sse?stream_id=u1", &[("last-event-id", "nope")]).await;
     assert_eq!(resumed.status(), 200);
@@ -324,13 +328,11 @@ async fn unknown_id_gets_gap_event() {
     assert_eq!(server.scripted.calls(), 1);
 }
 
-#[tokio::test]
-async fn trimmed_log_reports_gap() {
-    let prefix = unique_prefix("resume_trimmed");
-    let server = TestServer::start(log_layer(&prefix, fast_log().max_events(5)).await).await;
+async fn trimmed_log_reports_gap(backend: Backend) {
+    let server = TestServer::start(backend.layer().event_log(fast_log().max_events(5))).await;
     // Nineteen tokens and the terminal event: twenty events in all.
     let events = run_events(19);
-    run_to_end(&server, &prefix, "t1", &events).await;
+    run_to_end(&server, &backend, "t1", &events).await;
 
     let mut resumed = get_with(&server, "/sse?stream_id=t1", &[("last-event-id", "2")]).await;
     assert_eq!(resumed.status(), 200);
@@ -357,15 +359,13 @@ async fn trimmed_log_reports_gap() {
     assert_eq!(server.scripted.calls(), 1);
 }
 
-#[tokio::test]
-async fn byte_limit_trims_log() {
-    let prefix = unique_prefix("resume_bytes");
+async fn byte_limit_trims_log(backend: Backend) {
     let events = run_events(19);
     // Room for the terminal and three two-digit tokens, not four.
     let max_bytes = events[19].len() + 3 * token(10).len() + 1;
-    let layer = log_layer(&prefix, fast_log().max_bytes(max_bytes)).await;
+    let layer = backend.layer().event_log(fast_log().max_bytes(max_bytes));
     let server = TestServer::start(layer).await;
-    run_to_end(&server, &prefix, "b1", &events).await;
+    run_to_end(&server, &backend, "b1", &events).await;
 
     let mut resumed = get_with(&server, "/sse?stream_id=b1", &[("last-event-id", "2")]).await;
     assert_eq!(resumed.status(), 200);
@@ -381,15 +381,12 @@ async fn byte_limit_trims_log() {
     );
 }
 
-#[tokio::test]
-async fn follower_gets_recorded_failure() {
-    let prefix = unique_prefix("resume_failure");
-    let conn = redis().await;
-    let server = TestServer::start(log_layer(&prefix, fast_log()).await).await;
+async fn follower_gets_recorded_failure(backend: Backend) {
+    let server = TestServer::start(backend.layer().event_log(fast_log())).await;
 
     let (_client, stream) = open(&server, "fail1").await;
     stream.send(token(1));
-    wait_for_logged(&conn, &prefix, "fail1", "1").await;
+    wait_for_logged_on(&backend, "fail1", "1").await;
     let mut follower = server.get("/sse?stream_id=fail1").await;
     assert_eq!(follower.status(), 200);
     let mut followed = read_until(&mut follower, |bytes| {
@@ -418,7 +415,13 @@ async fn ended_stream_resumes_rest() {
     let prefix = unique_prefix("resume_ended");
     let server = TestServer::start(log_layer(&prefix, fast_log()).await).await;
     let events = run_events(20);
-    let received = run_to_end(&server, &prefix, "e1", &events).await;
+    let received = run_to_end(
+        &server,
+        &Backend::redis_with_prefix(&prefix).await,
+        "e1",
+        &events,
+    )
+    .await;
     assert!(received == events.concat(), "first run {}", show(&received));
 
     let mut resumed = get_with(&server, "/sse?stream_id=e1", &[("last-event-id", "10")]).await;
@@ -447,7 +450,13 @@ async fn query_parameter_resumes() {
     let prefix = unique_prefix("resume_query");
     let server = TestServer::start(log_layer(&prefix, fast_log()).await).await;
     let events = run_events(20);
-    run_to_end(&server, &prefix, "q1", &events).await;
+    run_to_end(
+        &server,
+        &Backend::redis_with_prefix(&prefix).await,
+        "q1",
+        &events,
+    )
+    .await;
 
     let mut resumed = server.get("/sse?stream_id=q1&last_event_id=5").await;
     assert_eq!(resumed.status(), 200);
@@ -780,7 +789,13 @@ async fn missing_log_reports_gap_then_end() {
     let prefix = unique_prefix("resume_missing_log");
     let server = TestServer::start(log_layer(&prefix, fast_log()).await).await;
     let events = run_events(20);
-    run_to_end(&server, &prefix, "m1", &events).await;
+    run_to_end(
+        &server,
+        &Backend::redis_with_prefix(&prefix).await,
+        "m1",
+        &events,
+    )
+    .await;
 
     // The hash outlives its log, as after an eviction.
     let mut conn = redis().await;

@@ -1,6 +1,7 @@
 //! Graceful shutdown of a layer through a real server and a real Redis: the
 //! reconnect hint, 503 for new streams, draining in the grace period and the
-//! states left in Redis.
+//! states left in Redis. The live stream and follower cases run on the memory
+//! store too.
 
 mod common;
 mod resume_support;
@@ -17,8 +18,12 @@ use support::parse_synthetic;
 const RETRY_HINT: &[u8] = b"retry: 1000\n\n";
 
 fn quiet_log_layer(prefix: &str, conn: &redis::aio::ConnectionManager) -> SseResilienceLayer {
-    SseResilienceLayer::new(conn.clone())
-        .key_prefix(prefix)
+    quiet_layer_on(SseResilienceLayer::new(conn.clone()).key_prefix(prefix))
+}
+
+/// Turns heartbeats off and the event log on, with fast followers.
+fn quiet_layer_on(layer: SseResilienceLayer) -> SseResilienceLayer {
+    layer
         .without_heartbeats()
         .event_log(EventLog::new().follow_poll_interval(Duration::from_millis(20)))
 }
@@ -28,25 +33,11 @@ fn send_if_open(stream: &ScriptedStream, frame: Vec<u8>) {
     let _ = stream.tx.send(Ok(Bytes::from(frame)));
 }
 
-/// Returns the stream ids of the hashes under `prefix`, skipping logs and index shards.
-async fn stream_ids_under(conn: &mut redis::aio::ConnectionManager, prefix: &str) -> Vec<String> {
-    keys_under(conn, prefix)
-        .await
-        .into_iter()
-        .filter_map(|key| {
-            let rest = key.strip_prefix(prefix)?;
-            let id = rest.strip_prefix('{')?.strip_suffix('}')?;
-            Some(id.to_owned())
-        })
-        .collect()
-}
+backend_tests!(shutdown_during_live_streams, shutdown_ends_followers);
 
-#[tokio::test]
-async fn shutdown_during_live_streams() {
+async fn shutdown_during_live_streams(backend: Backend) {
     const STREAMS: usize = 20;
-    let prefix = unique_prefix("shutdown_live");
-    let mut conn = redis().await;
-    let layer = quiet_log_layer(&prefix, &conn);
+    let layer = quiet_layer_on(backend.layer());
     let handle = layer.shutdown_handle();
     let server = TestServer::start(layer).await;
 
@@ -137,16 +128,16 @@ async fn shutdown_during_live_streams() {
     assert_eq!(report.failed, STREAMS / 2);
 
     // Nothing of the layer is left active once shutdown returned.
-    let ids = stream_ids_under(&mut conn, &prefix).await;
+    let ids = backend.stream_ids().await;
     assert_eq!(ids.len(), STREAMS, "stream hashes {ids:?}");
     for id in &ids {
-        let state = stream_field(&mut conn, &prefix, id, "state").await;
+        let state = backend.field(id, "state").await;
         assert_ne!(state.as_deref(), Some("active"), "{id} is still active");
     }
     for number in 0..STREAMS {
         let id = format!("sd-{number}");
-        let state = stream_field(&mut conn, &prefix, &id, "state").await;
-        let reason = stream_field(&mut conn, &prefix, &id, "reason").await;
+        let state = backend.field(&id, "state").await;
+        let reason = backend.field(&id, "reason").await;
         if number < STREAMS / 2 {
             assert_eq!(state.as_deref(), Some("completed"), "{id}");
         } else {
@@ -162,10 +153,10 @@ async fn shutdown_during_live_streams() {
     }
 
     // The finished streams' terminals were logged while draining.
-    wait_for_terminal_logged(&conn, &prefix, "sd-0").await;
+    wait_for_terminal_logged_on(&backend, "sd-0").await;
 
     // Another instance replays both outcomes.
-    let other = TestServer::start(quiet_log_layer(&prefix, &conn)).await;
+    let other = TestServer::start(quiet_layer_on(backend.layer())).await;
     let failed = other.get("/sse?stream_id=sd-19").await;
     assert_eq!(failed.status(), 200);
     let event = parse_synthetic(&failed.text().await.unwrap());
@@ -281,11 +272,8 @@ async fn shutdown_ends_unfinished_event() {
     assert_eq!(reason.as_deref(), Some("shutdown"));
 }
 
-#[tokio::test]
-async fn shutdown_ends_followers() {
-    let prefix = unique_prefix("shutdown_follower");
-    let conn = redis().await;
-    let layer = quiet_log_layer(&prefix, &conn);
+async fn shutdown_ends_followers(backend: Backend) {
+    let layer = quiet_layer_on(backend.layer());
     let handle = layer.shutdown_handle();
     let server = TestServer::start(layer).await;
 
@@ -294,7 +282,7 @@ async fn shutdown_ends_followers() {
     let stream = server.scripted.next_stream().await;
     stream.send(token(1));
     read_until(&mut client, |bytes| contains(bytes, &token(1))).await;
-    wait_for_logged(&conn, &prefix, "f1", "1").await;
+    wait_for_logged_on(&backend, "f1", "1").await;
     let mut follower = server.get("/sse?stream_id=f1").await;
     assert_eq!(follower.status(), 200);
     read_until(&mut follower, |bytes| contains(bytes, &token(1))).await;
@@ -316,7 +304,7 @@ async fn shutdown_ends_followers() {
     send_if_open(&stream, completed(2));
     let report = shutdown.await.expect("shutdown panicked");
     assert_eq!(report.failed, 0);
-    let state = stream_field(&mut conn.clone(), &prefix, "f1", "state").await;
+    let state = backend.state("f1").await;
     assert_eq!(state.as_deref(), Some("completed"));
 }
 

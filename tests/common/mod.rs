@@ -1,5 +1,6 @@
-//! Test harness: a real Redis, a real axum server on a loopback port, and an
-//! inner SSE service whose frames each test sends by hand.
+//! Test harness: a real Redis or a memory store, a real axum server on a
+//! loopback port, and an inner SSE service whose frames each test sends by
+//! hand.
 
 #![allow(dead_code)]
 
@@ -23,7 +24,7 @@ use axum::{
 };
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
-use sse_resilience::SseResilienceLayer;
+use sse_resilience::{MemoryStore, SseResilienceLayer, StreamGuardian};
 use tokio::sync::mpsc;
 
 /// Returns the Redis URL of the tests: `REDIS_URL`, else the local server.
@@ -67,6 +68,175 @@ pub async fn keys_under<C: redis::aio::ConnectionLike>(conn: &mut C, prefix: &st
     }
     keys.sort();
     keys
+}
+
+/// The store a test runs on.
+#[derive(Clone)]
+pub enum Backend {
+    /// The test Redis, under a key prefix of the test's own. The layers and
+    /// guardians get a connection of their own, so the checks of a busy test
+    /// do not queue behind their commands.
+    Redis {
+        conn: ConnectionManager,
+        layer_conn: ConnectionManager,
+        prefix: String,
+    },
+    /// A memory store of the test's own.
+    Memory(MemoryStore),
+}
+
+/// Declares, for each named async function `case(backend: Backend)`, a module
+/// `case` with two tests, `redis` and `memory`, that run it on each backend.
+/// Prefix the list with `multi_thread:` for tests on a multi-threaded runtime.
+#[allow(unused_macros)]
+macro_rules! backend_tests {
+    (multi_thread: $($case:ident),+ $(,)?) => {$(
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn redis() {
+                super::$case(crate::common::Backend::redis(stringify!($case)).await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn memory() {
+                super::$case(crate::common::Backend::memory()).await;
+            }
+        }
+    )+};
+    ($($case:ident),+ $(,)?) => {$(
+        mod $case {
+            #[tokio::test]
+            async fn redis() {
+                super::$case(crate::common::Backend::redis(stringify!($case)).await).await;
+            }
+
+            #[tokio::test]
+            async fn memory() {
+                super::$case(crate::common::Backend::memory()).await;
+            }
+        }
+    )+};
+}
+#[allow(unused_imports)]
+pub(crate) use backend_tests;
+
+impl Backend {
+    /// Connects to the test Redis with a key prefix for `test`.
+    pub async fn redis(test: &str) -> Self {
+        Self::redis_with_prefix(&unique_prefix(test)).await
+    }
+
+    /// Connects to the test Redis with the key prefix `prefix`.
+    pub async fn redis_with_prefix(prefix: &str) -> Self {
+        Backend::Redis {
+            conn: redis().await,
+            layer_conn: redis().await,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn memory() -> Self {
+        Backend::Memory(MemoryStore::new())
+    }
+
+    /// Returns a layer with default settings on this backend.
+    pub fn layer(&self) -> SseResilienceLayer {
+        match self {
+            Backend::Redis {
+                layer_conn, prefix, ..
+            } => SseResilienceLayer::new(layer_conn.clone()).key_prefix(prefix),
+            Backend::Memory(store) => SseResilienceLayer::with_memory_store(store.clone()),
+        }
+    }
+
+    /// Returns a guardian with default settings on this backend.
+    pub fn guardian(&self) -> StreamGuardian {
+        match self {
+            Backend::Redis { conn, prefix, .. } => {
+                StreamGuardian::new(conn.clone()).key_prefix(prefix)
+            }
+            Backend::Memory(store) => StreamGuardian::with_memory_store(store.clone()),
+        }
+    }
+
+    /// Returns the Redis connection and key prefix; panics on the memory backend.
+    pub fn redis_parts(&self) -> (ConnectionManager, &str) {
+        match self {
+            Backend::Redis { conn, prefix, .. } => (conn.clone(), prefix),
+            Backend::Memory(_) => panic!("this check needs the Redis backend"),
+        }
+    }
+
+    /// Reads one field of a stream's hash (for Redis) or entry (for memory).
+    pub async fn field(&self, id: &str, field: &str) -> Option<String> {
+        match self {
+            Backend::Redis { conn, prefix, .. } => {
+                stream_field(&mut conn.clone(), prefix, id, field).await
+            }
+            Backend::Memory(store) => store
+                .stream_field(id, field)
+                .map(|value| String::from_utf8_lossy(&value).into_owned()),
+        }
+    }
+
+    pub async fn state(&self, id: &str) -> Option<String> {
+        self.field(id, "state").await
+    }
+
+    /// Waits until stream `id` has state `expected`.
+    pub async fn wait_for_state(&self, id: &str, expected: &str) {
+        let condition = format!("stream {id} has state {expected}");
+        eventually(&condition, || async move {
+            self.state(id).await.as_deref() == Some(expected)
+        })
+        .await;
+    }
+
+    /// Returns the ids of the streams stored, sorted.
+    pub async fn stream_ids(&self) -> Vec<String> {
+        match self {
+            Backend::Redis { conn, prefix, .. } => keys_under(&mut conn.clone(), prefix)
+                .await
+                .into_iter()
+                .filter_map(|key| {
+                    let rest = key.strip_prefix(prefix.as_str())?;
+                    let id = rest.strip_prefix('{')?.strip_suffix('}')?;
+                    Some(id.to_owned())
+                })
+                .collect(),
+            Backend::Memory(store) => store.stream_ids(),
+        }
+    }
+
+    /// Returns the `(event id, terminal)` pairs of a stream's event log, oldest first.
+    pub async fn logged_events(&self, id: &str) -> Vec<(String, bool)> {
+        match self {
+            Backend::Redis { conn, prefix, .. } => {
+                let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
+                    .arg(format!("{prefix}{{{id}}}:log"))
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut conn.clone())
+                    .await
+                    .expect("XRANGE of the event log failed");
+                entries
+                    .into_iter()
+                    .map(|(_, fields)| {
+                        let event_id = fields.get("i").map_or(&[][..], |v| v);
+                        (
+                            String::from_utf8_lossy(event_id).into_owned(),
+                            fields.get("t").is_some_and(|v| v == b"1"),
+                        )
+                    })
+                    .collect()
+            }
+            Backend::Memory(store) => store
+                .event_log(id)
+                .into_iter()
+                .map(|event| (event.event_id.unwrap_or_default(), event.terminal))
+                .collect(),
+        }
+    }
 }
 
 /// Reads one field of a stream's hash.
@@ -225,13 +395,20 @@ impl TestServer {
     /// - `/fixed`: a finished event stream with a `completed` event of id 2,
     /// - `/json`: a JSON response.
     pub async fn start(layer: SseResilienceLayer) -> Self {
+        Self::start_with(layer, Router::new()).await
+    }
+
+    /// Starts a server with the routes of [`TestServer::start`] behind
+    /// `layer`, and the routes of `outside` beside them, not behind it.
+    pub async fn start_with(layer: SseResilienceLayer, outside: Router) -> Self {
         let scripted = Scripted::default();
         let app = Router::new()
             .route("/sse", get(scripted_handler))
             .route("/fixed", get(fixed_sse_handler))
             .route("/json", get(json_handler))
             .layer(layer)
-            .with_state(scripted.clone());
+            .with_state(scripted.clone())
+            .merge(outside);
         Self::serve(app, scripted).await
     }
 

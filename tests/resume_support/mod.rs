@@ -8,7 +8,7 @@ use std::{collections::HashMap, time::Duration};
 use redis::aio::ConnectionManager;
 use sse_resilience::{EventLog, EventStreamParser, SseResilienceLayer};
 
-use crate::common::{TestServer, eventually, read_until, redis, stream_field};
+use crate::common::{Backend, TestServer, eventually, read_until, redis, stream_field};
 
 /// Returns token event `n`: `id: n` and JSON data with `"n":n`.
 pub fn token(n: u32) -> Vec<u8> {
@@ -73,32 +73,44 @@ pub async fn log_entries(conn: &mut ConnectionManager, prefix: &str, id: &str) -
 
 /// Waits until the event log of stream `id` has an entry for event `event_id`.
 pub async fn wait_for_logged(conn: &ConnectionManager, prefix: &str, id: &str, event_id: &str) {
-    let what = format!("event {event_id} of stream {id} is in the event log");
-    eventually(&what, || {
-        let mut conn = conn.clone();
-        let (prefix, id, event_id) = (prefix.to_owned(), id.to_owned(), event_id.to_owned());
-        async move {
-            log_entries(&mut conn, &prefix, &id)
-                .await
-                .iter()
-                .any(|entry| entry.event_id == event_id)
-        }
-    })
-    .await;
+    wait_for_logged_on(&redis_backend(conn, prefix), id, event_id).await;
 }
 
 /// Waits until the event log of stream `id` has its terminal entry.
 pub async fn wait_for_terminal_logged(conn: &ConnectionManager, prefix: &str, id: &str) {
+    wait_for_terminal_logged_on(&redis_backend(conn, prefix), id).await;
+}
+
+fn redis_backend(conn: &ConnectionManager, prefix: &str) -> Backend {
+    Backend::Redis {
+        conn: conn.clone(),
+        layer_conn: conn.clone(),
+        prefix: prefix.to_owned(),
+    }
+}
+
+/// Waits until the event log of stream `id` on `backend` has an entry for event `event_id`.
+pub async fn wait_for_logged_on(backend: &Backend, id: &str, event_id: &str) {
+    let what = format!("event {event_id} of stream {id} is in the event log");
+    eventually(&what, || async move {
+        backend
+            .logged_events(id)
+            .await
+            .iter()
+            .any(|(logged, _)| logged == event_id)
+    })
+    .await;
+}
+
+/// Waits until the event log of stream `id` on `backend` has its terminal entry.
+pub async fn wait_for_terminal_logged_on(backend: &Backend, id: &str) {
     let what = format!("the terminal event of stream {id} is in the event log");
-    eventually(&what, || {
-        let mut conn = conn.clone();
-        let (prefix, id) = (prefix.to_owned(), id.to_owned());
-        async move {
-            log_entries(&mut conn, &prefix, &id)
-                .await
-                .iter()
-                .any(|entry| entry.terminal)
-        }
+    eventually(&what, || async move {
+        backend
+            .logged_events(id)
+            .await
+            .iter()
+            .any(|(_, terminal)| *terminal)
     })
     .await;
 }

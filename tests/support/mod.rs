@@ -10,9 +10,9 @@ use std::{
 };
 
 use redis::aio::ConnectionManager;
-use sse_resilience::{INDEX_SHARDS, SseResilienceLayer};
+use sse_resilience::INDEX_SHARDS;
 
-use crate::common::{TestServer, contains, eventually, read_until, redis, stream_field};
+use crate::common::{Backend, TestServer, contains, eventually, read_until, redis, stream_field};
 
 /// A redis-server child process on a free loopback port, killed on drop.
 pub struct RedisProcess {
@@ -148,14 +148,21 @@ pub async fn state_of(conn: &mut ConnectionManager, prefix: &str, id: &str) -> O
 ///
 /// The streams stay `active` in Redis with a last refresh that only ages.
 pub async fn abandon_streams(prefix: &str, ids: &[String], stale_threshold: Duration) {
-    let prefix = prefix.to_owned();
+    let backend = Backend::redis_with_prefix(prefix).await;
+    abandon_streams_on(&backend, ids, stale_threshold).await;
+}
+
+/// [`abandon_streams`] on any backend: a memory store keeps the streams
+/// `active` after the server's runtime stopped, as Redis does.
+pub async fn abandon_streams_on(backend: &Backend, ids: &[String], stale_threshold: Duration) {
+    let backend = backend.clone();
     let ids = ids.to_vec();
     tokio::task::spawn_blocking(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("failed to build the runtime of the crashing server");
-        let open_streams = runtime.block_on(open_and_refresh(&prefix, &ids, stale_threshold));
+        let open_streams = runtime.block_on(open_and_refresh(&backend, &ids, stale_threshold));
         runtime.shutdown_background();
         drop(open_streams);
     })
@@ -170,9 +177,13 @@ struct OpenStreams {
     streams: Vec<crate::common::ScriptedStream>,
 }
 
-async fn open_and_refresh(prefix: &str, ids: &[String], stale_threshold: Duration) -> OpenStreams {
-    let layer = SseResilienceLayer::new(redis().await)
-        .key_prefix(prefix)
+async fn open_and_refresh(
+    backend: &Backend,
+    ids: &[String],
+    stale_threshold: Duration,
+) -> OpenStreams {
+    let layer = backend
+        .layer()
         .stale_threshold(stale_threshold)
         .without_heartbeats();
     let server = TestServer::start(layer).await;
@@ -192,14 +203,16 @@ async fn open_and_refresh(prefix: &str, ids: &[String], stale_threshold: Duratio
         streams.push(stream);
     }
 
-    let mut conn = redis().await;
     for id in ids {
         let refreshed = async {
             loop {
-                let started = stream_field(&mut conn, prefix, id, "started_at").await;
-                let refreshed = stream_field(&mut conn, prefix, id, "last_refresh").await;
-                let indexed = index_score(&mut conn, prefix, id).await.is_some();
-                if indexed && started.is_some() && refreshed.is_some() && started != refreshed {
+                let started = backend.field(id, "started_at").await;
+                let refreshed = backend.field(id, "last_refresh").await;
+                if is_indexed(backend, id).await
+                    && started.is_some()
+                    && refreshed.is_some()
+                    && started != refreshed
+                {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -215,6 +228,25 @@ async fn open_and_refresh(prefix: &str, ids: &[String], stale_threshold: Duratio
         responses,
         streams,
     }
+}
+
+/// Returns true when stream `id` has an entry in the active index.
+pub async fn is_indexed(backend: &Backend, id: &str) -> bool {
+    match backend {
+        Backend::Redis { conn, prefix, .. } => {
+            index_score(&mut conn.clone(), prefix, id).await.is_some()
+        }
+        Backend::Memory(store) => store.is_indexed(id),
+    }
+}
+
+/// Waits until stream `id` has no entry in the active index of `backend`.
+pub async fn wait_until_unindexed_on(backend: &Backend, id: &str) {
+    eventually(
+        &format!("stream {id} leaves the active index"),
+        || async move { !is_indexed(backend, id).await },
+    )
+    .await;
 }
 
 /// Waits until stream `id` has state `expected` in the hash.
