@@ -77,6 +77,7 @@ mod config;
 mod follow;
 mod future;
 mod guardian;
+pub mod inspect;
 mod layer;
 mod log;
 pub mod parser;
