@@ -351,3 +351,47 @@ async fn redis_password_is_not_printed() {
         run.stderr
     );
 }
+
+#[tokio::test]
+async fn invalid_id_never_reaches_upstream() {
+    let prefix = unique_prefix("proxy_invalid_id");
+    let backend = Backend::start();
+    let proxy = Proxy::start(&prefix, &backend.url(), &ID_SOURCE).await;
+
+    let response = client()
+        .get(proxy.url("/stream/bad%20id"))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), 400);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("invalid stream id"), "{text:?}");
+    assert_eq!(backend.calls("bad%20id").await, 0);
+    assert_eq!(backend.calls("bad id").await, 0);
+    let mut conn = redis().await;
+    assert!(keys_under(&mut conn, &prefix).await.is_empty());
+}
+
+#[tokio::test]
+async fn large_body_is_forwarded_whole() {
+    let prefix = unique_prefix("proxy_large_body");
+    let backend = Backend::start();
+    let proxy = Proxy::start(&prefix, &backend.url(), &ID_SOURCE).await;
+    let body: String = (0..(1 << 20))
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+
+    let response = client()
+        .put(proxy.url("/echo"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), 200);
+    let echo: serde_json::Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(echo["method"], "PUT");
+    assert_eq!(echo["body"].as_str().unwrap().len(), body.len());
+    assert!(echo["body"] == body.as_str(), "the body changed on the way");
+}
