@@ -358,14 +358,28 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: fmt::Display,
 {
+    let event_stream = is_event_stream(response.headers());
     let Some(stream) = stream else {
-        return response.map(ResilientBody::passthrough);
+        return passthrough(response, event_stream);
     };
-    if !is_event_stream(response.headers()) {
+    if !event_stream {
         if let Some(entry) = entry {
             release(&stream, Some(entry));
         }
-        return response.map(ResilientBody::passthrough);
+        return passthrough(response, false);
+    }
+    if let Some(encoding) = content_encoding(response.headers()) {
+        // Compressed bytes cannot be scanned for events, and a heartbeat
+        // inserted into them would corrupt the stream.
+        tracing::warn!(
+            stream_id = %stream.id,
+            encoding,
+            "event stream with a content encoding passes through untracked; compress outside the layer"
+        );
+        if let Some(entry) = entry {
+            release(&stream, Some(entry));
+        }
+        return passthrough(response, true);
     }
 
     let (mut parts, body) = response.into_parts();
@@ -390,6 +404,23 @@ where
         config.drain_timeout,
     );
     Response::from_parts(parts, body)
+}
+
+/// Passes `response` through with its body untouched. An event stream still
+/// gets the headers that keep proxies from caching or buffering it.
+fn passthrough<B>(mut response: Response<B>, event_stream: bool) -> Response<ResilientBody<B>> {
+    if event_stream {
+        set_event_stream_headers_if_missing(response.headers_mut());
+    }
+    response.map(ResilientBody::passthrough)
+}
+
+/// Returns the response's content encoding unless it is absent or `identity`.
+fn content_encoding(headers: &http::HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_ENCODING)?;
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let text = text.trim();
+    (!text.is_empty() && !text.eq_ignore_ascii_case("identity")).then(|| text.to_owned())
 }
 
 /// Gives up a claim whose stream will not run: its response is not an event

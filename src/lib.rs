@@ -90,6 +90,7 @@ mod config;
 mod follow;
 mod future;
 mod guardian;
+pub mod inspect;
 mod layer;
 mod log;
 mod memory;

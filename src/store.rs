@@ -68,7 +68,7 @@ impl StoreError {
         }
     }
 
-    fn unexpected(what: impl Into<String>) -> Self {
+    pub(crate) fn unexpected(what: impl Into<String>) -> Self {
         Self {
             kind: StoreErrorKind::UnexpectedReply(what.into()),
         }
@@ -869,7 +869,7 @@ impl ClusterRouter {
 
 /// The master of every hash slot, as an index into the list of masters.
 #[derive(Debug)]
-struct SlotOwners {
+pub(crate) struct SlotOwners {
     /// One entry per slot; [`SlotOwners::UNASSIGNED`] for a slot no master serves.
     masters: Vec<u16>,
 }
@@ -888,7 +888,7 @@ impl SlotOwners {
 
     /// Parses a CLUSTER SLOTS reply: one entry per slot range, each with the
     /// first slot, the last slot and the master's address.
-    fn from_cluster_slots(reply: Value) -> Result<Self, StoreError> {
+    pub(crate) fn from_cluster_slots(reply: Value) -> Result<Self, StoreError> {
         let ranges: Vec<Vec<Value>> = redis::from_redis_value(reply)?;
         let mut masters = vec![Self::UNASSIGNED; usize::from(CLUSTER_SLOTS)];
         let mut addresses: HashMap<(String, u16), u16> = HashMap::new();
@@ -925,6 +925,18 @@ impl SlotOwners {
             masters[usize::from(first)..=usize::from(last)].fill(index);
         }
         Ok(Self { masters })
+    }
+
+    /// Returns one route per master: to the lowest slot it serves.
+    pub(crate) fn master_routes(&self) -> Vec<Route> {
+        let mut seen = std::collections::HashSet::new();
+        (0..CLUSTER_SLOTS)
+            .filter(|&slot| {
+                let master = self.masters[usize::from(slot)];
+                master != Self::UNASSIGNED && seen.insert(master)
+            })
+            .map(|slot| Route::new(slot, SlotAddr::Master))
+            .collect()
     }
 
     /// Groups the commands at `indexes` by the master of their slot. A slot
