@@ -34,7 +34,10 @@ use axum::{
 };
 use futures_util::stream::{self, Stream};
 use serde_json::json;
-use sse_resilience::{EventLog, SseResilienceLayer, StreamGuardian, StreamId, StreamIdSource};
+use sse_resilience::{
+    EventLog, OwnerSource, SseResilienceLayer, StreamGuardian, StreamId, StreamIdSource,
+    StreamOwner,
+};
 use tokio_util::sync::CancellationToken;
 
 const WORDS: &[&str] = &[
@@ -113,7 +116,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .stream_type("generation")
         .heartbeat_interval(heartbeat)
         .stale_threshold(stale)
-        .event_log(EventLog::new());
+        .event_log(EventLog::new())
+        .owner_source(OwnerSource::Extension);
     let streams = layer.shutdown_handle();
 
     let shutdown = CancellationToken::new();
@@ -130,6 +134,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/api/stream/{id}", get(generate))
         .route("/api/stream/", get(generate))
         .layer(layer)
+        // Added after the layer, so it runs before it, as an app's auth would.
+        .layer(axum::middleware::from_fn(demo_owner))
         .with_state(AppState::default());
 
     let listener = tokio::net::TcpListener::bind(addr)
@@ -165,6 +171,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(?report, "demo stopped");
     }
     Ok(())
+}
+
+/// Sets the stream owner from the `x-user-id` header.
+///
+/// For demonstration only: any client can send any `x-user-id`. A real app
+/// sets `StreamOwner` from a verified session or token.
+async fn demo_owner(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let user = request
+        .headers()
+        .get("x-user-id")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    if let Some(user) = user {
+        request.extensions_mut().insert(StreamOwner(user));
+    }
+    next.run(request).await
 }
 
 async fn page() -> Html<&'static str> {
