@@ -218,7 +218,7 @@ fn open_within_owner_limit(
         let refusal = match store.claim_owner_slot(slot).await {
             Ok(true) => return Ok(OpenDecision::Claimed),
             Ok(false) => {
-                tracing::info!(
+                tracing::debug!(
                     stream_id = %record.id,
                     max,
                     "owner is at its live-stream limit; releasing the claim"
