@@ -163,7 +163,10 @@ pub fn check_body_steps(steps: &[Step]) {
         .start_paused(true)
         .build()
         .expect("a current-thread runtime builds");
-    runtime.block_on(run_body_steps(steps));
+    // The checks poll the body with a no-op waker and never yield to the
+    // runtime, so tokio's cooperative budget would run out after 128 channel
+    // reads and make the inner body look pending forever.
+    runtime.block_on(tokio::task::unconstrained(run_body_steps(steps)));
 }
 
 async fn run_body_steps(steps: &[Step]) {
@@ -556,6 +559,14 @@ mod tests {
             Step::Frame(b"x\ndata: a\n\n".to_vec()),
         ]);
         check_body_steps(&[Step::Idle, Step::Frame(b"\xEF".to_vec())]);
+    }
+
+    #[test]
+    fn many_frames_without_yield() {
+        let mut steps = vec![Step::Frame(b"data: a\r".to_vec())];
+        steps.extend((0..300).map(|_| Step::Frame(Vec::new())));
+        steps.push(Step::Frame(b"\n\n".to_vec()));
+        check_body_steps(&steps);
     }
 
     #[test]
