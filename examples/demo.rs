@@ -48,8 +48,8 @@ use futures_util::stream::{self, Stream};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use sse_resilience::{
-    EventLog, MemoryStore, ReconnectingCluster, SseResilienceLayer, StreamGuardian, StreamId,
-    StreamIdSource,
+    EventLog, MemoryStore, OwnerSource, ReconnectingCluster, SseResilienceLayer, StreamGuardian,
+    StreamId, StreamIdSource, StreamOwner,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -99,7 +99,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .stream_type("generation")
         .heartbeat_interval(heartbeat)
         .stale_threshold(stale)
-        .event_log(EventLog::new());
+        .event_log(EventLog::new())
+        .owner_source(OwnerSource::Extension);
     let streams = layer.shutdown_handle();
     let status = layer
         .status_service()
@@ -126,7 +127,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "/metrics",
             get(move || std::future::ready(prometheus_text(&metrics))),
         )
-        .route("/sse-resilience.js", get(client_js));
+        .route("/sse-resilience.js", get(client_js))
+        // Added last, so it runs first, as an app's authentication would.
+        .layer(axum::middleware::from_fn(demo_owner));
 
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -257,6 +260,25 @@ fn prometheus_text(
         )],
         metrics.render(),
     )
+}
+
+/// Sets the stream owner from the `x-user-id` header.
+///
+/// For demonstration only: any client can send any `x-user-id`. A real app
+/// sets `StreamOwner` from a verified session or token.
+async fn demo_owner(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let user = request
+        .headers()
+        .get("x-user-id")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    if let Some(user) = user {
+        request.extensions_mut().insert(StreamOwner(user));
+    }
+    next.run(request).await
 }
 
 async fn page() -> Html<&'static str> {

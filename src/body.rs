@@ -25,7 +25,7 @@ use crate::{
     tracker::{FailureReason, Tracker, spawn_drain},
 };
 
-const BOM: &[u8] = b"\xEF\xBB\xBF";
+const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
 
 pin_project! {
     /// Response body of [`SseResilience`](crate::SseResilience).
@@ -80,6 +80,12 @@ struct TrackedStream<B> {
     shutdown: ShutdownWatch,
     /// The response was ended by a shutdown; the inner body is still read by a drain.
     closed: bool,
+    /// Number of leading bytes of a byte order mark held back after a
+    /// heartbeat went first (see `strip_leading_bom`).
+    bom_held: u8,
+    /// A deadline passed while frames kept coming: the stream ends at the
+    /// next poll, after the frame already taken is sent.
+    overdue: Option<FailureReason>,
 }
 
 impl<B> ResilientBody<B> {
@@ -140,6 +146,8 @@ where
                     pending: VecDeque::new(),
                     shutdown,
                     closed: false,
+                    bom_held: 0,
+                    overdue: None,
                 }),
             },
         }
@@ -216,6 +224,10 @@ where
             if self.closed {
                 return Poll::Ready(None);
             }
+            if let Some(reason) = self.overdue.take() {
+                self.expire(reason);
+                return Poll::Ready(None);
+            }
             let Some(body) = self.body.as_mut() else {
                 return Poll::Ready(None);
             };
@@ -241,23 +253,34 @@ where
             match body.as_mut().poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     let first = self.on_frame(frame);
-                    return Poll::Ready(Some(Ok(first)));
+                    // A body that always has a frame ready would never reach
+                    // the deadline checks below.
+                    self.overdue = self.passed_deadline(Instant::now());
+                    match first {
+                        Some(first) => return Poll::Ready(Some(Ok(first))),
+                        None => continue,
+                    }
                 }
                 Poll::Ready(Some(Err(error))) => {
                     self.end(Some(FailureReason::BodyError));
                     return Poll::Ready(Some(Err(error)));
                 }
                 Poll::Ready(None) => {
+                    if self.bom_held > 0 {
+                        // The stream ended inside what looked like a byte order mark.
+                        let held = &BOM[..usize::from(self.bom_held)];
+                        self.pending.push_back(Bytes::from_static(held));
+                        self.bom_held = 0;
+                    }
                     self.end(Some(FailureReason::NoTerminalEvent));
-                    return Poll::Ready(None);
+                    continue;
                 }
                 Poll::Pending => {}
             }
 
             let now = Instant::now();
-            if now >= self.lifetime_deadline {
-                tracing::warn!("stream reached its maximum lifetime; ending it");
-                self.end(Some(FailureReason::MaxLifetimeExceeded));
+            if let Some(reason) = self.passed_deadline(now) {
+                self.expire(reason);
                 return Poll::Ready(None);
             }
 
@@ -266,6 +289,9 @@ where
                 .as_ref()
                 .is_some_and(Tracker::is_at_event_boundary);
             let mut deadline = self.lifetime_deadline;
+            if let Some(idle) = self.tracker.as_ref().and_then(Tracker::idle_deadline) {
+                deadline = deadline.min(idle);
+            }
             if let Some((interval, frame)) = &self.heartbeat {
                 let due = self.last_activity + *interval;
                 if at_boundary {
@@ -294,30 +320,52 @@ where
         }
     }
 
+    /// Returns the reason to end the stream when its lifetime or its idle
+    /// timeout ran out at `now`.
+    fn passed_deadline(&self, now: Instant) -> Option<FailureReason> {
+        if now >= self.lifetime_deadline {
+            return Some(FailureReason::MaxLifetimeExceeded);
+        }
+        let idle = self.tracker.as_ref().and_then(Tracker::idle_deadline)?;
+        (now >= idle).then_some(FailureReason::IdleTimeout)
+    }
+
+    /// Ends the response and records `reason`, for a deadline that passed.
+    fn expire(&mut self, reason: FailureReason) {
+        let stream_id = self.tracker.as_ref().map_or("", Tracker::stream_id);
+        match reason {
+            FailureReason::IdleTimeout => tracing::warn!(
+                stream_id,
+                "stream dispatched no event within its idle timeout; ending it"
+            ),
+            _ => tracing::warn!(stream_id, "stream reached its maximum lifetime; ending it"),
+        }
+        self.end(Some(reason));
+    }
+
     /// Scans a frame of the inner body and returns the first piece to send;
-    /// the rest (around inserted `id:` lines) waits in `pending`.
-    fn on_frame(&mut self, frame: Frame<Bytes>) -> Frame<Bytes> {
+    /// the rest (around inserted `id:` lines) waits in `pending`. Returns
+    /// `None` when nothing is to be sent yet.
+    fn on_frame(&mut self, frame: Frame<Bytes>) -> Option<Frame<Bytes>> {
         let mut data = match frame.into_data() {
             Ok(data) => data,
-            Err(other) => return other,
+            Err(other) => return Some(other),
         };
         if data.is_empty() {
-            return Frame::data(data);
+            return Some(Frame::data(data));
         }
 
-        // A heartbeat before the first byte would move a leading BOM off the
-        // start of the stream, where a client no longer strips it.
-        if !self.data_seen && self.heartbeat_before_data && data.starts_with(BOM) {
-            data = data.slice(BOM.len()..);
+        if !self.data_seen && self.heartbeat_before_data {
+            data = self.strip_leading_bom(data)?;
         }
         self.data_seen = true;
         self.last_activity = Instant::now();
         let Some(tracker) = self.tracker.as_mut() else {
-            return Frame::data(data);
+            return Some(Frame::data(data));
         };
         let insertions = tracker.observe(&data);
         if insertions.is_empty() {
-            return Frame::data(data);
+            return Some(Frame::data(data));
         }
 
         let mut start = 0;
@@ -331,7 +379,44 @@ where
         if start < data.len() {
             self.pending.push_back(data.slice(start..));
         }
-        Frame::data(self.pending.pop_front().unwrap_or_default())
+        Some(Frame::data(self.pending.pop_front().unwrap_or_default()))
+    }
+
+    /// Removes the byte order mark that starts the inner body, once a
+    /// heartbeat went out before it: a client strips a mark only at the very
+    /// start of what it receives.
+    ///
+    /// A mark split between frames is held back until the frame that decides
+    /// it. Returns the bytes to send, or `None` (nothing yet) while held.
+    fn strip_leading_bom(&mut self, data: Bytes) -> Option<Bytes> {
+        let held = usize::from(self.bom_held);
+        let matched = data
+            .iter()
+            .zip(&BOM[held..])
+            .take_while(|(byte, expected)| byte == expected)
+            .count();
+        if held + matched == BOM.len() {
+            self.bom_held = 0;
+            let rest = data.slice(matched..);
+            if rest.is_empty() {
+                self.data_seen = true;
+                return None;
+            }
+            return Some(rest);
+        }
+        if matched == data.len() {
+            self.bom_held = (held + matched) as u8;
+            return None;
+        }
+        // Not a mark: the bytes held back are content.
+        self.bom_held = 0;
+        if held == 0 {
+            return Some(data);
+        }
+        let mut content = Vec::with_capacity(held + data.len());
+        content.extend_from_slice(&BOM[..held]);
+        content.extend_from_slice(&data);
+        Some(Bytes::from(content))
     }
 
     /// Ends the stream: records `failure` unless a terminal event was already
@@ -351,6 +436,10 @@ impl<B> Drop for TrackedStream<B> {
         };
         if tracker.is_finished() {
             return;
+        }
+        if self.bom_held > 0 {
+            // The drain reads on from here, so its parser must see the held bytes.
+            tracker.observe(&Bytes::from_static(&BOM[..usize::from(self.bom_held)]));
         }
         if self.drain_timeout.is_zero() {
             let reason = if self.shutdown.is_begun() {

@@ -34,6 +34,8 @@ pub const DEFAULT_COMPLETION_RETRY_WINDOW: Duration = Duration::from_secs(5 * 60
 pub const DEFAULT_MAX_PENDING_COMPLETIONS: usize = 10_000;
 /// Default stream type stored in the registry.
 pub const DEFAULT_STREAM_TYPE: &str = "sse";
+/// Default `Retry-After` of a 429 sent when an owner has too many live streams.
+pub const DEFAULT_OWNER_LIMIT_RETRY: Duration = Duration::from_secs(5);
 
 /// Settings shared by the layer, its services and its bodies.
 #[derive(Clone, Debug)]
@@ -57,6 +59,11 @@ pub(crate) struct Config {
     pub completion_retry_window: Duration,
     pub max_pending_completions: usize,
     pub fail_closed: bool,
+    /// Maximum live streams per owner, counted across instances; `None` is no limit.
+    pub max_streams_per_owner: Option<usize>,
+    pub owner_limit_retry: Duration,
+    /// Time without a dispatched event after which a stream is ended; `None` is off.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for Config {
@@ -81,6 +88,9 @@ impl Default for Config {
             completion_retry_window: DEFAULT_COMPLETION_RETRY_WINDOW,
             max_pending_completions: DEFAULT_MAX_PENDING_COMPLETIONS,
             fail_closed: false,
+            max_streams_per_owner: None,
+            owner_limit_retry: DEFAULT_OWNER_LIMIT_RETRY,
+            idle_timeout: None,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::{
     registry::LiveEntry,
     service::{
         STREAM_ID_HEADER, is_event_stream, plain_response, service_unavailable, shutting_down,
+        too_many_requests,
     },
     store::{BoxFuture, OpenDecision, StoreError, StreamRecord},
     tracker::Tracker,
@@ -343,6 +344,13 @@ fn answer_from_store(decision: OpenDecision, stream: &StreamRequest) -> Response
                 &format!("stream {id} is live on another connection; retry after it ends"),
             )
         }
+        OpenDecision::OwnerLimitReached => {
+            tracing::info!(stream_id = %id, "owner has too many live streams");
+            too_many_requests(
+                "too many live streams for this owner; retry after one ends",
+                stream.shared.config.owner_limit_retry,
+            )
+        }
         OpenDecision::Claimed | OpenDecision::Follow => {
             unreachable!("claimed and followed streams have their own responses")
         }
@@ -458,6 +466,11 @@ fn release_when_claimed(
     };
     runtime.spawn(async move {
         match decision.await {
+            // A stream counted for its owner leaves the owner's set through the registry.
+            Ok(OpenDecision::Claimed) if stream.record.limited_owner.is_some() => {
+                let entry = stream.shared.registry.enter(stream.record.clone());
+                release(&stream, Some(entry));
+            }
             Ok(OpenDecision::Claimed) => release(&stream, None),
             Ok(_) => {}
             Err(error) if error.is_timeout() => release(&stream, None),

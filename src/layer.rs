@@ -260,8 +260,13 @@ impl SseResilienceLayer {
     }
 
     /// Sets how many bytes of one event are kept while looking for the
-    /// terminal event, and so the largest terminal event stored whole.
-    /// Default: 1 MiB. A larger terminal event is recorded truncated.
+    /// terminal event, and so the largest terminal event stored whole and
+    /// the largest event logged. Default: 1 MiB.
+    ///
+    /// A larger terminal event still ends the stream. Replays and followers
+    /// then get an event of the same type and id whose data is
+    /// `{"type":<outcome>,"reason":"truncated","stream_id":<id>}`, and the
+    /// stream's hash has `truncated` set to `1`.
     pub fn max_event_bytes(mut self, bytes: usize) -> Self {
         self.config.max_event_bytes = bytes;
         self.changed()
@@ -319,6 +324,59 @@ impl SseResilienceLayer {
         self.changed()
     }
 
+    /// Limits the live streams of one owner, counted in Redis across every
+    /// instance that shares the key prefix. Off by default.
+    ///
+    /// A request that would start one more stream gets 429 with
+    /// `Retry-After` (see [`owner_limit_retry`](Self::owner_limit_retry)).
+    /// Replays, resumes and followers are not counted, and neither are
+    /// streams without an owner. A stream counts from its claim until its end
+    /// is recorded. The stream of a process that died stops counting one
+    /// stale threshold after its last refresh. The check costs one more Redis
+    /// round trip when a stream is claimed.
+    ///
+    /// # Panics
+    ///
+    /// Panics when `max` is zero.
+    pub fn max_streams_per_owner(mut self, max: usize) -> Self {
+        assert!(
+            max > 0,
+            "invalid max_streams_per_owner: it must be greater than zero"
+        );
+        self.config.max_streams_per_owner = Some(max);
+        self.changed()
+    }
+
+    /// Sets the `Retry-After` of the 429 sent when an owner has too many live
+    /// streams, rounded up to whole seconds. Default: 5 s.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
+    pub fn owner_limit_retry(mut self, delay: Duration) -> Self {
+        require_non_zero("owner_limit_retry", delay);
+        self.config.owner_limit_retry = delay;
+        self.changed()
+    }
+
+    /// Ends a stream whose inner body dispatched no event for `timeout`, and
+    /// records it as failed with reason `idle_timeout`. Off by default.
+    ///
+    /// Only a complete event that a client would dispatch counts as progress.
+    /// Comment lines do not (the layer's heartbeats, and keep-alive comments
+    /// such as axum's `KeepAlive` sends), nor do lines of an event that is
+    /// not finished yet. The timeout also applies while a drain reads the
+    /// body of a client that left.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the duration is zero.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        require_non_zero("idle_timeout", timeout);
+        self.config.idle_timeout = Some(timeout);
+        self.changed()
+    }
+
     /// Returns the handle that shuts this layer down gracefully.
     ///
     /// Take it after the last builder call: a builder call afterwards starts
@@ -364,7 +422,7 @@ impl SseResilienceLayer {
         self
     }
 
-    fn shared(&self) -> Arc<Shared> {
+    pub(crate) fn shared(&self) -> Arc<Shared> {
         self.shared
             .get_or_init(|| {
                 crate::metrics::describe_metrics();

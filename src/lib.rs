@@ -89,6 +89,9 @@ mod cluster;
 mod config;
 mod follow;
 mod future;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod guardian;
 pub mod inspect;
 mod layer;
@@ -114,7 +117,8 @@ pub use cluster::{
 pub use config::{
     DEFAULT_COMPLETION_TTL, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT_COMMENT,
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_KEY_PREFIX, DEFAULT_MAX_STREAM_LIFETIME,
-    DEFAULT_REDIS_TIMEOUT, DEFAULT_SHUTDOWN_RETRY, DEFAULT_STALE_THRESHOLD, DEFAULT_STREAM_TYPE,
+    DEFAULT_OWNER_LIMIT_RETRY, DEFAULT_REDIS_TIMEOUT, DEFAULT_SHUTDOWN_RETRY,
+    DEFAULT_STALE_THRESHOLD, DEFAULT_STREAM_TYPE,
 };
 pub use future::ResponseFuture;
 pub use guardian::{

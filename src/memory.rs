@@ -15,7 +15,7 @@ use crate::{
     guardian::SweepStore,
     store::{
         AppendBatch, BoxFuture, CompleteResult, Completion, FollowEntry, FollowQuery, FollowReply,
-        INDEX_SHARDS, LogLimits, OpenDecision, OpenRequest, OrphanResult, RefreshEntry,
+        INDEX_SHARDS, LogLimits, OpenDecision, OpenRequest, OrphanResult, OwnerSlot, RefreshEntry,
         RefreshResult, StaleCandidate, Store, StoreError, StreamRecord, StreamSnapshot, now_ms,
         shard_of,
     },
@@ -85,6 +85,9 @@ struct State {
     logs: HashMap<Arc<str>, Expiring<Log>>,
     /// The active index, sharded as in Redis; a shard without members does not exist.
     index: HashMap<u16, Expiring<HashMap<Arc<str>, u64>>>,
+    /// The live streams of each owner with a stream limit, scored by last
+    /// refresh: the Redis sorted set `{prefix}owner:{<owner>}`.
+    owners: HashMap<Arc<str>, Expiring<HashMap<Arc<str>, u64>>>,
     last_purge: Option<Instant>,
 }
 
@@ -274,6 +277,7 @@ impl State {
         self.streams.retain(|_, hash| !hash.is_expired(now));
         self.logs.retain(|_, log| !log.is_expired(now));
         self.index.retain(|_, shard| !shard.is_expired(now));
+        self.owners.retain(|_, streams| !streams.is_expired(now));
     }
 
     /// Returns the live (not expired) hash of stream `id`.
@@ -476,6 +480,62 @@ impl State {
         for shard in touched {
             if let Some(members) = self.index.get_mut(&shard) {
                 members.expire_in(ttl);
+            }
+        }
+    }
+
+    /// Returns the live streams of `owner`, an empty set when it has none.
+    fn owner_streams(&mut self, owner: &Arc<str>) -> &mut Expiring<HashMap<Arc<str>, u64>> {
+        if self
+            .owners
+            .get(owner)
+            .is_some_and(|streams| streams.is_expired(Instant::now()))
+        {
+            self.owners.remove(owner);
+        }
+        self.owners
+            .entry(owner.clone())
+            .or_insert_with(|| Expiring::new(HashMap::new()))
+    }
+
+    /// Counts a stream among its owner's live streams, as the owner-slot
+    /// script does: members not refreshed within the stale threshold are
+    /// dropped first, and the stream is added unless the owner is at its limit.
+    fn claim_owner_slot(&mut self, slot: &OwnerSlot, now: u64) -> bool {
+        let oldest = now.saturating_sub(millis(slot.stale_threshold));
+        let streams = self.owner_streams(&slot.owner);
+        streams.value.retain(|_, refreshed| *refreshed > oldest);
+        if !streams.value.contains_key(&slot.id) && streams.value.len() >= slot.max {
+            return false;
+        }
+        streams.value.insert(slot.id.clone(), now);
+        streams.expire_in(slot.ttl);
+        true
+    }
+
+    /// Refreshes (ZADD and PEXPIRE) or removes (ZREM) streams in their
+    /// owners' sets, as the refresh pipeline does.
+    fn owner_changes(
+        &mut self,
+        refreshed: &[&RefreshEntry],
+        removed: &[RefreshEntry],
+        now: u64,
+        ttl: Duration,
+    ) {
+        for entry in refreshed {
+            if let Some(owner) = &entry.owner {
+                let streams = self.owner_streams(owner);
+                streams.value.insert(entry.id.clone(), now);
+                streams.expire_in(ttl);
+            }
+        }
+        for entry in removed {
+            if let Some(owner) = &entry.owner {
+                let streams = self.owner_streams(owner);
+                streams.value.remove(&entry.id);
+                if streams.value.is_empty() {
+                    self.owners.remove(owner);
+                }
             }
         }
     }
@@ -683,6 +743,8 @@ impl Store for MemoryStore {
             for entry in &removed {
                 state.index_remove(entry.shard, &entry.id);
             }
+            let refreshed: Vec<&RefreshEntry> = live.iter().chain(added.iter()).collect();
+            state.owner_changes(&refreshed, &removed, now, live_ttl);
             results
         })
     }
@@ -702,6 +764,11 @@ impl Store for MemoryStore {
 
     fn follow(&self, queries: Vec<FollowQuery>) -> BoxFuture<Result<Vec<FollowReply>, StoreError>> {
         self.run(|state| queries.iter().map(|query| state.follow(query)).collect())
+    }
+
+    fn claim_owner_slot(&self, slot: OwnerSlot) -> BoxFuture<Result<bool, StoreError>> {
+        let now = now_ms();
+        self.run(move |state| state.claim_owner_slot(&slot, now))
     }
 
     fn inspect(&self, id: Arc<str>) -> BoxFuture<Result<Option<StreamSnapshot>, StoreError>> {
@@ -798,6 +865,7 @@ mod tests {
             started_at: now_ms(),
             live_ttl: LIVE_TTL,
             stale_threshold: Duration::from_millis(500),
+            limited_owner: None,
         })
     }
 
@@ -833,6 +901,7 @@ mod tests {
             id: id.into(),
             claim: claim.into(),
             shard: shard_of(id),
+            owner: None,
         }
     }
 
@@ -950,6 +1019,48 @@ mod tests {
             open(&store, &record("s", "c2", ""), "", false),
             OpenDecision::Claimed
         );
+    }
+
+    #[test]
+    fn owner_slots_limit_and_free() {
+        let store = MemoryStore::new();
+        let slot = |id: &str| OwnerSlot {
+            owner: "alice".into(),
+            id: id.into(),
+            max: 2,
+            stale_threshold: Duration::from_secs(10),
+            ttl: LIVE_TTL,
+        };
+        let now = now_ms();
+        let mut state = store.lock();
+        assert!(state.claim_owner_slot(&slot("a"), now));
+        assert!(state.claim_owner_slot(&slot("b"), now));
+        assert!(
+            !state.claim_owner_slot(&slot("c"), now),
+            "a third stream was counted"
+        );
+        assert!(
+            state.claim_owner_slot(&slot("a"), now),
+            "a counted stream was refused"
+        );
+
+        let mut ended = entry("a", "claim-a");
+        ended.owner = Some("alice".into());
+        state.owner_changes(&[], &[ended], now, LIVE_TTL);
+        assert!(
+            state.claim_owner_slot(&slot("c"), now),
+            "an ended stream still counts"
+        );
+
+        let later = now + 10_001;
+        let mut fresh = entry("c", "claim-c");
+        fresh.owner = Some("alice".into());
+        state.owner_changes(&[&fresh], &[], later, LIVE_TTL);
+        assert!(
+            state.claim_owner_slot(&slot("d"), later),
+            "a stale stream still counts"
+        );
+        assert!(!state.claim_owner_slot(&slot("e"), later));
     }
 
     #[test]

@@ -778,6 +778,10 @@ impl<'a> Iterator for RawLines<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzzing::{
+        reference_events,
+        strategy::{split_input, stream_input},
+    };
     use proptest::prelude::*;
 
     /// Owned copy of a dispatched event, for comparisons.
@@ -1568,141 +1572,6 @@ mod tests {
 
         assert!(format!("{parser:?}").len() < 400);
         assert!(event_debug.len() < 200, "{event_debug}");
-    }
-
-    /// Straightforward implementation of the standard's algorithm on a whole input,
-    /// returning (event type, data, last event ID) per dispatched event.
-    fn reference_events(input: &[u8]) -> Vec<(String, String, String)> {
-        let decoded = String::from_utf8_lossy(input);
-        let text = decoded.strip_prefix('\u{FEFF}').unwrap_or(&decoded);
-
-        let mut lines = Vec::new();
-        let mut line_start = 0;
-        let mut chars = text.char_indices().peekable();
-        while let Some((index, character)) = chars.next() {
-            if character == '\r' || character == '\n' {
-                lines.push(&text[line_start..index]);
-                line_start = index + 1;
-                if character == '\r' && chars.peek().map(|&(_, next)| next) == Some('\n') {
-                    chars.next();
-                    line_start += 1;
-                }
-            }
-        }
-
-        let mut events = Vec::new();
-        let mut event_type = String::new();
-        let mut data = String::new();
-        let mut last_event_id = String::new();
-        for line in lines {
-            if line.is_empty() {
-                if !data.is_empty() {
-                    data.pop();
-                    let dispatched_type = if event_type.is_empty() {
-                        "message"
-                    } else {
-                        &event_type
-                    };
-                    events.push((
-                        dispatched_type.to_owned(),
-                        data.clone(),
-                        last_event_id.clone(),
-                    ));
-                }
-                data.clear();
-                event_type.clear();
-                continue;
-            }
-            if line.starts_with(':') {
-                continue;
-            }
-            let (name, value) = match line.split_once(':') {
-                Some((name, value)) => (name, value.strip_prefix(' ').unwrap_or(value)),
-                None => (line, ""),
-            };
-            match name {
-                "event" => {
-                    let mut cut = value.len().min(MAX_FIELD_VALUE_BYTES);
-                    while !value.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    event_type = value[..cut].to_owned();
-                }
-                "data" => {
-                    data.push_str(value);
-                    data.push('\n');
-                }
-                "id" if !value.contains('\0') => {
-                    last_event_id = if value.len() > MAX_FIELD_VALUE_BYTES {
-                        String::new()
-                    } else {
-                        value.to_owned()
-                    };
-                }
-                _ => {}
-            }
-        }
-        events
-    }
-
-    /// Byte strings that make generated inputs look like event streams.
-    fn stream_piece() -> impl Strategy<Value = Vec<u8>> {
-        let tokens: Vec<&'static [u8]> = vec![
-            b"data:",
-            b"data: ",
-            b"data",
-            b"event:",
-            b"event: ",
-            b"id:",
-            b"id: ",
-            b"retry: 5",
-            b"type: ",
-            b":",
-            b": ",
-            b" ",
-            b"\t",
-            b"\r",
-            b"\n",
-            b"\r\n",
-            b"\n\n",
-            b"\r\n\r\n",
-            b"{\"type\":\"completed\"}",
-            b"{\"text\":\"hello\"}",
-            b"completed",
-            b"abc",
-            b"\xEF\xBB\xBF",
-            b"\xEF",
-            b"\xEF\xBB",
-            b"\0",
-            b"\xFF",
-            b"\xC3\xA9",
-            b"\xC3",
-            b"\xE2\x82\xAC",
-        ];
-        prop_oneof![
-            12 => proptest::sample::select(tokens).prop_map(<[u8]>::to_vec),
-            2 => any::<u8>().prop_map(|byte| vec![byte]),
-            1 => (600usize..1100).prop_map(|len| vec![b'x'; len]),
-        ]
-    }
-
-    fn stream_input() -> impl Strategy<Value = Vec<u8>> {
-        proptest::collection::vec(stream_piece(), 0..80).prop_map(|pieces| pieces.concat())
-    }
-
-    /// Splits `input` at the given fractions of its length.
-    fn split_input<'a>(input: &'a [u8], cuts: &[f64]) -> Vec<&'a [u8]> {
-        let mut positions: Vec<usize> = cuts
-            .iter()
-            .map(|fraction| (fraction * input.len() as f64) as usize)
-            .collect();
-        positions.push(0);
-        positions.push(input.len());
-        positions.sort_unstable();
-        positions
-            .windows(2)
-            .map(|pair| &input[pair[0]..pair[1]])
-            .collect()
     }
 
     /// Returns `event` as dispatched when the LF of its final CRLF is cut off into

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use crate::{
     config::worth_logging,
-    store::{RefreshEntry, RefreshResult, Store, StoreError, StreamRecord, shard_of},
+    store::{RefreshEntry, RefreshResult, Store, StoreError, StreamRecord},
 };
 
 /// The live streams of one layer.
@@ -74,11 +74,7 @@ impl Registry {
             {
                 crate::metrics::live_changed(1.0);
             }
-            state.added.push(RefreshEntry {
-                shard: shard_of(&record.id),
-                id: record.id.clone(),
-                claim: record.claim.clone(),
-            });
+            state.added.push(RefreshEntry::of(&record));
             !std::mem::replace(&mut state.refresher_running, true)
         };
         if start {
@@ -97,22 +93,18 @@ impl Registry {
         self.lock().live.len()
     }
 
-    fn leave(&self, id: &Arc<str>, claim: &Arc<str>, remove_from_index: bool) {
+    fn leave(&self, left: &StreamRecord, remove_from_index: bool) {
         let mut state = self.lock();
         if state
             .live
-            .get(id)
-            .is_some_and(|record| &record.claim == claim)
+            .get(&left.id)
+            .is_some_and(|record| record.claim == left.claim)
         {
-            state.live.remove(id);
+            state.live.remove(&left.id);
             crate::metrics::live_changed(-1.0);
         }
         if remove_from_index {
-            state.removed.push(RefreshEntry {
-                shard: shard_of(id),
-                id: id.clone(),
-                claim: claim.clone(),
-            });
+            state.removed.push(RefreshEntry::of(left));
             drop(state);
             self.wake.notify_one();
         }
@@ -168,12 +160,8 @@ impl Registry {
             let live: Vec<RefreshEntry> = if tick {
                 state
                     .live
-                    .iter()
-                    .map(|(id, record)| RefreshEntry {
-                        shard: shard_of(id),
-                        id: id.clone(),
-                        claim: record.claim.clone(),
-                    })
+                    .values()
+                    .map(|record| RefreshEntry::of(record))
                     .collect()
             } else {
                 Vec::new()
@@ -254,16 +242,14 @@ impl LiveEntry {
     /// index entry is removed too.
     pub(crate) fn finish(mut self, ended_in_redis: bool) {
         self.active = false;
-        self.registry
-            .leave(&self.record.id, &self.record.claim, ended_in_redis);
+        self.registry.leave(&self.record, ended_in_redis);
     }
 }
 
 impl Drop for LiveEntry {
     fn drop(&mut self) {
         if self.active {
-            self.registry
-                .leave(&self.record.id, &self.record.claim, false);
+            self.registry.leave(&self.record, false);
         }
     }
 }

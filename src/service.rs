@@ -20,7 +20,7 @@ use crate::{
         IdLookup, InvalidId, StreamId, StreamMetadata, generate_stream_id, query_value,
         sanitize_owner, validate_stream_id,
     },
-    store::{OpenRequest, StreamRecord, now_ms},
+    store::{BoxFuture, OpenDecision, OpenRequest, OwnerSlot, StoreError, StreamRecord, now_ms},
 };
 
 /// Maximum length of a `Last-Event-ID` the layer compares; longer values are ignored.
@@ -137,6 +137,10 @@ where
         parts.extensions.insert(StreamId(id.clone()));
         let claim: Arc<str> = generate_stream_id().into();
         let last_event_id = last_event_id(&parts, config.event_log.is_some());
+        let limited_owner = match config.max_streams_per_owner {
+            Some(_) if !owner.is_empty() => Some(Arc::<str>::from(owner.as_str())),
+            _ => None,
+        };
         let record = Arc::new(StreamRecord {
             id: id.clone(),
             claim: claim.clone(),
@@ -147,12 +151,16 @@ where
             started_at: now_ms(),
             live_ttl: config.live_ttl(),
             stale_threshold: config.stale_threshold,
+            limited_owner,
         });
-        let decision = self.shared.store.open(OpenRequest {
-            record: record.clone(),
-            last_event_id: last_event_id.clone(),
-            follow: config.event_log.is_some(),
-        });
+        let decision = open_within_owner_limit(
+            &self.shared,
+            OpenRequest {
+                record: record.clone(),
+                last_event_id: last_event_id.clone(),
+                follow: config.event_log.is_some(),
+            },
+        );
 
         // The service that was made ready goes into the future; a clone takes its place.
         let clone = self.inner.clone();
@@ -171,6 +179,71 @@ where
             },
         )
     }
+}
+
+/// Runs the open script and, when it claimed a stream whose owner is
+/// limited, counts the stream among the owner's live streams: a second round
+/// trip, on the owner's key. An owner at its limit gets the claim released
+/// and [`OpenDecision::OwnerLimitReached`].
+///
+/// When the count fails, the stream is served, and the next registry refresh
+/// counts it. With `fail_closed`, the claim is released and the error
+/// returned instead.
+fn open_within_owner_limit(
+    shared: &Arc<Shared>,
+    request: OpenRequest,
+) -> BoxFuture<Result<OpenDecision, StoreError>> {
+    let record = request.record.clone();
+    let decision = shared.store.open(request);
+    let (Some(owner), Some(max)) = (
+        record.limited_owner.clone(),
+        shared.config.max_streams_per_owner,
+    ) else {
+        return decision;
+    };
+    let store = shared.store.clone();
+    let fail_closed = shared.config.fail_closed;
+    Box::pin(async move {
+        let decision = decision.await?;
+        if decision != OpenDecision::Claimed {
+            return Ok(decision);
+        }
+        let slot = OwnerSlot {
+            owner,
+            id: record.id.clone(),
+            max,
+            stale_threshold: record.stale_threshold,
+            ttl: record.live_ttl,
+        };
+        let refusal = match store.claim_owner_slot(slot).await {
+            Ok(true) => return Ok(OpenDecision::Claimed),
+            Ok(false) => {
+                tracing::debug!(
+                    stream_id = %record.id,
+                    max,
+                    "owner is at its live-stream limit; releasing the claim"
+                );
+                Ok(OpenDecision::OwnerLimitReached)
+            }
+            Err(error) if !fail_closed => {
+                tracing::warn!(
+                    stream_id = %record.id,
+                    %error,
+                    "counting the owner's live streams failed; serving the stream"
+                );
+                return Ok(OpenDecision::Claimed);
+            }
+            Err(error) => Err(error),
+        };
+        if let Err(error) = store.release(record.id.clone(), record.claim.clone()).await {
+            tracing::warn!(
+                stream_id = %record.id,
+                %error,
+                "releasing the claim failed; it expires with its TTL"
+            );
+        }
+        refusal
+    })
 }
 
 /// Returns the request's last event id: its `Last-Event-ID` header or, when
@@ -208,11 +281,23 @@ pub(crate) fn shutting_down(retry: std::time::Duration) -> Response<Bytes> {
 /// up to whole seconds.
 pub(crate) fn service_unavailable(text: &str, retry: std::time::Duration) -> Response<Bytes> {
     let mut response = plain_response(http::StatusCode::SERVICE_UNAVAILABLE, text);
+    set_retry_after(&mut response, retry);
+    response
+}
+
+/// Builds a 429 response with `text` and a `Retry-After` of `retry`, rounded
+/// up to whole seconds.
+pub(crate) fn too_many_requests(text: &str, retry: std::time::Duration) -> Response<Bytes> {
+    let mut response = plain_response(http::StatusCode::TOO_MANY_REQUESTS, text);
+    set_retry_after(&mut response, retry);
+    response
+}
+
+fn set_retry_after(response: &mut Response<Bytes>, retry: std::time::Duration) {
     let seconds = retry.as_millis().div_ceil(1000).max(1);
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(seconds as u64));
-    response
 }
 
 fn bad_request(error: &InvalidId) -> Response<Bytes> {

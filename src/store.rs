@@ -45,6 +45,8 @@ static FOLLOW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 static REGISTER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/register.lua")));
 static ORPHAN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/orphan.lua")));
+static OWNER_SLOT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/owner_slot.lua")));
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -125,6 +127,9 @@ pub(crate) enum OpenDecision {
     Live,
     Follow,
     Claimed,
+    /// The owner already has the maximum number of live streams; the claim
+    /// was given up.
+    OwnerLimitReached,
 }
 
 /// The fields of a request that opens or resumes a stream.
@@ -151,6 +156,22 @@ pub(crate) struct StreamRecord {
     pub started_at: u64,
     pub live_ttl: Duration,
     pub stale_threshold: Duration,
+    /// The owner whose live streams count this one, set only when the layer
+    /// limits the streams per owner and the stream has an owner.
+    pub limited_owner: Option<Arc<str>>,
+}
+
+/// A request to count a stream among the live streams of its owner.
+#[derive(Clone, Debug)]
+pub(crate) struct OwnerSlot {
+    pub owner: Arc<str>,
+    pub id: Arc<str>,
+    /// Maximum number of live streams of the owner.
+    pub max: usize,
+    /// Streams not refreshed within this time no longer count.
+    pub stale_threshold: Duration,
+    /// TTL of the owner's set, renewed with each stream added or refreshed.
+    pub ttl: Duration,
 }
 
 /// The end of a stream, to be written once.
@@ -184,6 +205,19 @@ pub(crate) struct RefreshEntry {
     pub id: Arc<str>,
     pub claim: Arc<str>,
     pub shard: u16,
+    /// The owner whose live streams count this one (see [`StreamRecord::limited_owner`]).
+    pub owner: Option<Arc<str>>,
+}
+
+impl RefreshEntry {
+    pub(crate) fn of(record: &StreamRecord) -> Self {
+        Self {
+            shard: shard_of(&record.id),
+            id: record.id.clone(),
+            claim: record.claim.clone(),
+            owner: record.limited_owner.clone(),
+        }
+    }
 }
 
 /// The result of refreshing one stream.
@@ -225,8 +259,10 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// batch. Returns how many were written.
     fn register(&self, records: Vec<Arc<StreamRecord>>) -> BoxFuture<Result<usize, StoreError>>;
     /// Refreshes `live` streams and updates the index: `added` and `live` get
-    /// score `now`, `removed` leave it. One [`Batch`]: a pipeline, or one
-    /// pipeline per master on a cluster.
+    /// score `now`, `removed` leave it. Entries with an owner get the same
+    /// changes in their owner's set of live streams (see
+    /// [`Store::claim_owner_slot`]), whose TTL is renewed to `live_ttl`. One
+    /// [`Batch`]: a pipeline, or one pipeline per master on a cluster.
     fn refresh(
         &self,
         live: Vec<RefreshEntry>,
@@ -246,6 +282,12 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// `None` when the stream is unknown or expired. One command on the
     /// stream's own hash.
     fn inspect(&self, id: Arc<str>) -> BoxFuture<Result<Option<StreamSnapshot>, StoreError>>;
+    /// Counts stream `slot.id` among the live streams of `slot.owner`, shared
+    /// by every instance. Members not refreshed within `slot.stale_threshold`
+    /// are dropped first. Returns true when the stream was added or already
+    /// counted, false when the owner already has `slot.max` live streams.
+    /// One round trip, atomic per owner.
+    fn claim_owner_slot(&self, slot: OwnerSlot) -> BoxFuture<Result<bool, StoreError>>;
 }
 
 /// A store that counts the failed calls of the store it wraps.
@@ -322,6 +364,10 @@ impl Store for CountingStore {
 
     fn inspect(&self, id: Arc<str>) -> BoxFuture<Result<Option<StreamSnapshot>, StoreError>> {
         self.count("inspect", self.inner.inspect(id))
+    }
+
+    fn claim_owner_slot(&self, slot: OwnerSlot) -> BoxFuture<Result<bool, StoreError>> {
+        self.count("claim_owner_slot", self.inner.claim_owner_slot(slot))
     }
 }
 
@@ -409,6 +455,13 @@ impl Keys {
     /// Returns the key of one active-index shard: `{prefix}active:{<shard>}`.
     pub(crate) fn index(&self, shard: u16) -> String {
         format!("{}active:{{{}}}", self.prefix, shard)
+    }
+
+    /// Returns the key of an owner's set of live streams:
+    /// `{prefix}owner:{<owner>}`, with the owner percent-encoded so that it
+    /// cannot close the hash tag or form a glob pattern.
+    pub(crate) fn owner(&self, owner: &str) -> String {
+        format!("{}owner:{{{}}}", self.prefix, encode_owner(owner))
     }
 }
 
@@ -549,13 +602,25 @@ where
         cmd: Cmd,
         script: &Script,
     ) -> Result<Value, StoreError> {
+        self.run_script_on_key(&self.keys.stream(id), cmd, script)
+            .await
+    }
+
+    /// Sends one script command whose keys share the hash slot of `key`, as
+    /// [`RedisStore::run_script_command`] does.
+    async fn run_script_on_key(
+        &self,
+        key: &str,
+        cmd: Cmd,
+        script: &Script,
+    ) -> Result<Value, StoreError> {
         match &self.cluster {
             None => {
                 let mut conn = self.conn.clone();
                 self.query_script_command(&mut conn, &cmd, script).await
             }
             Some(cluster) => {
-                let slot = key_slot(self.keys.stream(id).as_bytes());
+                let slot = key_slot(key.as_bytes());
                 let mut node = NodeConnection {
                     link: cluster.link.clone(),
                     route: Route::new(slot, SlotAddr::Master),
@@ -1151,6 +1216,15 @@ where
                     batch.add_ignored(&key, zrem);
                 }
             }
+            add_owner_changes(
+                &mut batch,
+                &store.keys,
+                &live,
+                &added,
+                &removed,
+                now,
+                ttl_ms,
+            );
 
             let replies = store.run_batch(&batch, &[&REFRESH]).await?;
             if replies.len() != live.len() {
@@ -1230,6 +1304,24 @@ where
             parse_snapshot(values)
         })
     }
+
+    fn claim_owner_slot(&self, slot: OwnerSlot) -> BoxFuture<Result<bool, StoreError>> {
+        let store = self.clone_store();
+        Box::pin(async move {
+            let key = store.keys.owner(&slot.owner);
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(OWNER_SLOT.get_hash())
+                .arg(1)
+                .arg(&key)
+                .arg(now_ms())
+                .arg(millis(slot.stale_threshold))
+                .arg(slot.max)
+                .arg(&*slot.id)
+                .arg(millis(slot.ttl));
+            let reply = store.run_script_on_key(&key, cmd, &OWNER_SLOT).await?;
+            Ok(redis::from_redis_value::<i64>(reply)? == 1)
+        })
+    }
 }
 
 /// The hash fields a [`StreamSnapshot`] is read from, in the order
@@ -1274,6 +1366,66 @@ fn parse_snapshot(values: Vec<Option<Vec<u8>>>) -> Result<Option<StreamSnapshot>
         terminal_id: text(next()).filter(|id| !id.is_empty()),
         truncated: next().is_some_and(|v| v == b"1"),
     }))
+}
+
+/// Adds to `batch` one ZADD (and PEXPIRE) per owner for the streams that are
+/// live or new, and one ZREM per owner for the removed ones, so the owners'
+/// sets of live streams are refreshed with the index.
+fn add_owner_changes(
+    batch: &mut Batch,
+    keys: &Keys,
+    live: &[RefreshEntry],
+    added: &[RefreshEntry],
+    removed: &[RefreshEntry],
+    now: u64,
+    ttl_ms: u64,
+) {
+    let mut refreshed: HashMap<&str, Vec<&str>> = HashMap::new();
+    for entry in live.iter().chain(added) {
+        if let Some(owner) = &entry.owner {
+            refreshed.entry(owner).or_default().push(&entry.id);
+        }
+    }
+    for (owner, ids) in refreshed {
+        let key = keys.owner(owner);
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(&key);
+        for id in ids {
+            zadd.arg(now).arg(id);
+        }
+        batch.add_ignored(&key, zadd);
+        let mut pexpire = redis::cmd("PEXPIRE");
+        pexpire.arg(&key).arg(ttl_ms);
+        batch.add_ignored(&key, pexpire);
+    }
+
+    let mut gone: HashMap<&str, Vec<&str>> = HashMap::new();
+    for entry in removed {
+        if let Some(owner) = &entry.owner {
+            gone.entry(owner).or_default().push(&entry.id);
+        }
+    }
+    for (owner, ids) in gone {
+        let key = keys.owner(owner);
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(&key).arg(ids.as_slice());
+        batch.add_ignored(&key, zrem);
+    }
+}
+
+/// Percent-encodes every byte of `owner` outside `A-Z a-z 0-9 . _ ~ - @`, so
+/// that two owners never share a key and no owner puts `{`, `}`, `*`, `?`,
+/// `[` or `]` into one.
+fn encode_owner(owner: &str) -> String {
+    let mut encoded = String::with_capacity(owner.len());
+    for byte in owner.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'~' | b'-' | b'@') {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 fn parse_follow_reply(reply: Value) -> Result<FollowReply, StoreError> {
@@ -1456,6 +1608,17 @@ mod tests {
         let keys = Keys::new("sse:".into());
         assert_eq!(keys.stream("abc"), "sse:{abc}");
         assert_eq!(keys.index(3), "sse:active:{3}");
+    }
+
+    #[test]
+    fn owner_keys_encoded() {
+        let keys = Keys::new("sse:".into());
+        assert_eq!(keys.owner("user-1"), "sse:owner:{user-1}");
+        assert_eq!(keys.owner("a@b.example"), "sse:owner:{a@b.example}");
+        assert_eq!(keys.owner("a}b{c"), "sse:owner:{a%7Db%7Bc}");
+        assert_eq!(keys.owner("*?[]%"), "sse:owner:{%2A%3F%5B%5D%25}");
+        // Distinct owners never share a key, also when one looks encoded.
+        assert_ne!(keys.owner("%41"), keys.owner("A"));
     }
 
     #[test]

@@ -136,6 +136,44 @@ impl fmt::Debug for TerminalRule {
     }
 }
 
+/// Reason stored with a terminal event that was too large to keep whole.
+pub(crate) const TRUNCATED_REASON: &str = "truncated";
+
+/// Builds the event stored in place of a terminal event larger than
+/// `max_event_bytes`: the same event type and id, with data
+/// `{"type":<outcome>,"reason":"truncated","stream_id":<id>}`.
+///
+/// The first bytes of the original cannot be replayed: a client would never
+/// dispatch an event cut before its blank line, and a cut JSON payload would
+/// not parse. The parser already removed CR and LF from `event_type` and `id`.
+pub(crate) fn truncated_terminal_event(
+    event_type: &str,
+    id: Option<&str>,
+    outcome: Outcome,
+    stream_id: &str,
+) -> bytes::Bytes {
+    let data = serde_json::json!({
+        "type": outcome.as_str(),
+        "reason": TRUNCATED_REASON,
+        "stream_id": stream_id,
+    });
+    let mut event = String::new();
+    if event_type != "message" {
+        event.push_str("event: ");
+        event.push_str(event_type);
+        event.push('\n');
+    }
+    if let Some(id) = id {
+        event.push_str("id: ");
+        event.push_str(id);
+        event.push('\n');
+    }
+    event.push_str("data: ");
+    event.push_str(&data.to_string());
+    event.push_str("\n\n");
+    bytes::Bytes::from(event)
+}
+
 fn outcome_of_name(name: &str) -> Option<Outcome> {
     match name {
         "completed" => Some(Outcome::Completed),
@@ -247,6 +285,41 @@ mod tests {
         assert_eq!(
             classify_all(&rule, "data: hi\n\ndata: bye\n\n"),
             vec![None, Some(Outcome::Completed)]
+        );
+    }
+
+    #[test]
+    fn truncated_event_keeps_type_and_id() {
+        let event = truncated_terminal_event("done", Some("7"), Outcome::Completed, "s1");
+        let mut parser = EventStreamParser::default();
+        let mut seen = Vec::new();
+        parser.feed(&event, |event| {
+            seen.push((
+                event.event_type().to_owned(),
+                event.id().map(str::to_owned),
+                event.data().into_owned(),
+            ))
+        });
+        assert_eq!(
+            seen,
+            vec![(
+                "done".to_owned(),
+                Some("7".to_owned()),
+                r#"{"reason":"truncated","stream_id":"s1","type":"completed"}"#.to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn truncated_message_event_stays_terminal() {
+        let event = truncated_terminal_event("message", None, Outcome::Failed, "s2");
+        assert!(!event.starts_with(b"event:"));
+        assert_eq!(
+            classify_all(
+                &TerminalRule::default(),
+                std::str::from_utf8(&event).unwrap()
+            ),
+            vec![Some(Outcome::Failed)]
         );
     }
 }

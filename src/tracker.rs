@@ -20,7 +20,7 @@ use crate::{
     registry::LiveEntry,
     store::LogEntry,
     store::{CompleteResult, Completion},
-    terminal::Outcome,
+    terminal::{Outcome, TRUNCATED_REASON, truncated_terminal_event},
 };
 
 /// Id of the synthetic terminal events the layer and the guardian record.
@@ -34,6 +34,7 @@ pub(crate) enum FailureReason {
     ClientDisconnected,
     DrainTimeout,
     MaxLifetimeExceeded,
+    IdleTimeout,
     Shutdown,
 }
 
@@ -45,6 +46,7 @@ impl FailureReason {
             FailureReason::ClientDisconnected => "client_disconnected",
             FailureReason::DrainTimeout => "drain_timeout",
             FailureReason::MaxLifetimeExceeded => "max_lifetime_exceeded",
+            FailureReason::IdleTimeout => "idle_timeout",
             FailureReason::Shutdown => "shutdown",
         }
     }
@@ -56,6 +58,8 @@ pub(crate) struct Tracker {
     entry: Option<LiveEntry>,
     parser: EventStreamParser,
     log: Option<LogState>,
+    /// When the last event was dispatched, or the stream started.
+    last_event_at: Instant,
 }
 
 /// Event log state of one stream.
@@ -99,6 +103,7 @@ impl Tracker {
             entry,
             parser,
             log,
+            last_event_at: Instant::now(),
         }
     }
 
@@ -115,6 +120,13 @@ impl Tracker {
         &self.shared
     }
 
+    /// Returns when the stream's idle timeout runs out: its setting after the
+    /// last dispatched event (or the start), `None` when it is off.
+    pub(crate) fn idle_deadline(&self) -> Option<Instant> {
+        let timeout = self.shared.config.idle_timeout?;
+        self.last_event_at.checked_add(timeout)
+    }
+
     /// Scans a chunk the inner body sent: logs its events, records the first
     /// terminal event, and returns the `id:` lines to insert when the layer
     /// assigns ids (empty otherwise).
@@ -125,8 +137,11 @@ impl Tracker {
         let mut insertions = Vec::new();
         let mut logged = Vec::new();
         let log = &mut self.log;
+        let stream_id = self.entry.as_ref().map(|e| &**e.id()).unwrap_or_default();
+        let mut dispatched = false;
 
         self.parser.feed(chunk, |event| {
+            dispatched = true;
             let outcome = if look_for_terminal && terminal.is_none() {
                 rule.classify(event)
             } else {
@@ -152,10 +167,21 @@ impl Tracker {
                     event_id = Some(log.seq.to_string().into());
                     bytes = Some(Bytes::from(with_id));
                 }
+                if event.is_truncated()
+                    && let Some(outcome) = outcome
+                {
+                    bytes = Some(truncated_terminal_event(
+                        event.event_type(),
+                        event_id.as_deref(),
+                        outcome,
+                        stream_id,
+                    ));
+                }
                 let bytes = bytes.get_or_insert_with(|| bytes_of(chunk, event.raw()));
                 // A truncated event would corrupt a replay: it is left out, and
-                // followers see a gap in the sequence instead.
-                if !event.is_truncated() {
+                // followers see a gap in the sequence instead. A truncated
+                // terminal event is logged as its replacement.
+                if !event.is_truncated() || outcome.is_some() {
                     logged.push(LogEntry {
                         seq: log.seq,
                         event_id: event_id.clone(),
@@ -166,10 +192,22 @@ impl Tracker {
             }
 
             if let Some(outcome) = outcome {
-                let bytes = bytes.unwrap_or_else(|| bytes_of(chunk, event.raw()));
+                let bytes = match bytes {
+                    Some(bytes) => bytes,
+                    None if event.is_truncated() => truncated_terminal_event(
+                        event.event_type(),
+                        event_id.as_deref(),
+                        outcome,
+                        stream_id,
+                    ),
+                    None => bytes_of(chunk, event.raw()),
+                };
                 terminal = Some((outcome, bytes, event_id, event.is_truncated()));
             }
         });
+        if dispatched {
+            self.last_event_at = Instant::now();
+        }
 
         if let Some(log) = &self.log {
             for entry in logged {
@@ -182,14 +220,14 @@ impl Tracker {
                 tracing::warn!(
                     stream_id = %self.stream_id(),
                     limit = self.shared.config.max_event_bytes,
-                    "terminal event is larger than the limit; its first bytes are recorded"
+                    "terminal event is larger than max_event_bytes; it is recorded as truncated"
                 );
             }
             self.record(
                 outcome,
                 event,
                 event_id.map(|id| id.to_string()),
-                None,
+                truncated.then_some(TRUNCATED_REASON),
                 truncated,
             );
         }
@@ -214,7 +252,7 @@ impl Tracker {
         );
     }
 
-    fn stream_id(&self) -> &str {
+    pub(crate) fn stream_id(&self) -> &str {
         self.entry.as_ref().map(|e| &**e.id()).unwrap_or_default()
     }
 
@@ -428,9 +466,13 @@ async fn drain<B>(
     };
     let forced = tracker.shared.shutdown.force.clone();
     while !tracker.is_finished() {
+        let (wait_until, wait_reason) = match tracker.idle_deadline() {
+            Some(idle) if idle < deadline => (idle, FailureReason::IdleTimeout),
+            _ => (deadline, reason),
+        };
         let next = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx));
         let result = tokio::select! {
-            result = tokio::time::timeout_at(deadline, next) => result,
+            result = tokio::time::timeout_at(wait_until, next) => result,
             _ = forced.cancelled() => {
                 tracing::warn!(stream_id = %stream_id, "shutdown grace period over before a terminal event");
                 tracker.fail(FailureReason::Shutdown);
@@ -442,6 +484,24 @@ async fn drain<B>(
                 if let Some(data) = frame.data_ref() {
                     tracker.observe(data);
                 }
+                // A body that always has a frame ready never reaches the
+                // time-out above, and frames without an event are no progress.
+                let now = Instant::now();
+                let overdue = if now >= deadline {
+                    Some(reason)
+                } else if tracker.idle_deadline().is_some_and(|idle| now >= idle) {
+                    Some(FailureReason::IdleTimeout)
+                } else {
+                    None
+                };
+                if let Some(overdue) = overdue {
+                    tracing::warn!(
+                        stream_id = %stream_id,
+                        reason = overdue.as_str(),
+                        "drain stopped before a terminal event"
+                    );
+                    tracker.fail(overdue);
+                }
             }
             Ok(Some(Err(error))) => {
                 tracing::warn!(stream_id = %stream_id, %error, "inner body failed while draining");
@@ -451,10 +511,10 @@ async fn drain<B>(
             Err(_) => {
                 tracing::warn!(
                     stream_id = %stream_id,
-                    reason = reason.as_str(),
+                    reason = wait_reason.as_str(),
                     "drain stopped before a terminal event"
                 );
-                tracker.fail(reason);
+                tracker.fail(wait_reason);
             }
         }
     }
