@@ -130,7 +130,13 @@ impl Tracker {
                 None
             };
             let mut bytes = None;
-            let mut event_id = event.id().map(Arc::<str>::from);
+            // The id is copied only for the log or a terminal event: most
+            // events need neither, and the copy is an allocation.
+            let mut event_id = if log.is_some() || outcome.is_some() {
+                event.id().map(Arc::<str>::from)
+            } else {
+                None
+            };
 
             if let Some(log) = log.as_mut() {
                 log.seq += 1;
