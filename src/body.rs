@@ -71,6 +71,10 @@ struct TrackedStream<B> {
     timer: Pin<Box<Sleep>>,
     timer_deadline: Instant,
     last_activity: Instant,
+    /// Data went out since `last_activity` was set. The time is read only
+    /// when the inner body is idle: a clock read per frame would cost more
+    /// than the rest of the frame's handling when frames are small.
+    active: bool,
     lifetime_deadline: Instant,
     data_seen: bool,
     heartbeat_before_data: bool,
@@ -134,6 +138,7 @@ where
                     timer: Box::pin(tokio::time::sleep_until(first_deadline)),
                     timer_deadline: first_deadline,
                     last_activity: now,
+                    active: false,
                     lifetime_deadline,
                     data_seen: false,
                     heartbeat_before_data: false,
@@ -255,6 +260,9 @@ where
             }
 
             let now = Instant::now();
+            if std::mem::take(&mut self.active) {
+                self.last_activity = now;
+            }
             if now >= self.lifetime_deadline {
                 tracing::warn!("stream reached its maximum lifetime; ending it");
                 self.end(Some(FailureReason::MaxLifetimeExceeded));
@@ -310,7 +318,7 @@ where
             data = data.slice(BOM.len()..);
         }
         self.data_seen = true;
-        self.last_activity = Instant::now();
+        self.active = true;
         let Some(tracker) = self.tracker.as_mut() else {
             return Frame::data(data);
         };
