@@ -21,7 +21,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use http::Request;
 use sse_resilience::SseResilienceLayer;
 use support::{
@@ -63,6 +63,9 @@ fn bench_body(c: &mut Criterion, runtime: &tokio::runtime::Runtime, prefix: &str
 
     for workload in Workload::ALL {
         let mut group = c.benchmark_group(format!("body_{}", workload.name()));
+        // Iterations take up to a few hundred milliseconds: the same number
+        // of them per sample keeps the run short.
+        group.sampling_mode(SamplingMode::Flat);
         for frame_size in FRAME_SIZES {
             let body = workload.body(body_bytes(frame_size));
             let label = frame_label(frame_size);
@@ -100,6 +103,98 @@ fn bench_body(c: &mut Criterion, runtime: &tokio::runtime::Runtime, prefix: &str
     }
 }
 
+/// Bytes of the body sent over a socket for frames of `frame_size`.
+fn socket_body_bytes(frame_size: usize) -> usize {
+    match frame_size {
+        1 => 512 * 1024,
+        100 => 8 * 1024 * 1024,
+        _ => 32 * 1024 * 1024,
+    }
+}
+
+/// Serves `router` with axum on a loopback port of the current runtime and
+/// returns the port.
+async fn serve_loopback(router: axum::Router) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("failed to bind a loopback port");
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    port
+}
+
+/// Requests `path` on a new HTTP/1.1 connection to `port` and reads the
+/// response body to its end; returns its length.
+async fn fetch(port: u16, path: String) -> usize {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the loopback server");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("HTTP/1.1 handshake");
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header("host", "127.0.0.1")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.expect("request failed");
+    assert_eq!(response.status(), 200);
+    read_body(response.into_body()).await
+}
+
+/// The same comparison over a real loopback connection: axum serves the
+/// router with the layer and with the identity layer, and a hyper client on
+/// the same thread reads the body, so the socket writes and reads, chunked
+/// encoding and the client are counted on both sides.
+fn bench_body_over_socket(c: &mut Criterion, runtime: &tokio::runtime::Runtime, prefix: &str) {
+    let redis = runtime.block_on(async {
+        let client = redis::Client::open(redis_url()).expect("invalid REDIS_URL");
+        redis::aio::ConnectionManager::new(client)
+            .await
+            .expect("redis is not reachable: start redis-server or set REDIS_URL")
+    });
+    let layer = SseResilienceLayer::new(redis)
+        .key_prefix(prefix)
+        .completion_ttl(Duration::from_secs(60));
+    let next_id = AtomicU64::new(0);
+
+    let workload = Workload::Tokens;
+    let mut group = c.benchmark_group("body_socket_tokens");
+    group.sampling_mode(SamplingMode::Flat);
+    for frame_size in FRAME_SIZES {
+        let body = workload.body(socket_body_bytes(frame_size));
+        let label = frame_label(frame_size);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+
+        let router = || {
+            let inner = event_stream_service(body.clone(), frame_size);
+            axum::Router::new().route_service(
+                "/events",
+                tower::ServiceBuilder::new()
+                    .map_request(|request: Request<axum::body::Body>| request.map(|_| ()))
+                    .service(inner),
+            )
+        };
+        let identity_port = runtime.block_on(serve_loopback(router().layer(IdentityLayer)));
+        let layer_port = runtime.block_on(serve_loopback(router().layer(layer.clone())));
+
+        group.bench_function(BenchmarkId::new("identity", &label), |b| {
+            b.to_async(runtime)
+                .iter(|| async { black_box(fetch(identity_port, "/events".to_owned()).await) })
+        });
+        group.bench_function(BenchmarkId::new("layer", &label), |b| {
+            b.to_async(runtime).iter(|| {
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    black_box(fetch(layer_port, format!("/events?stream_id=s{id}")).await)
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 fn main() {
     let started = SystemTime::now();
     // One thread: the layer's background tasks (index flushes, stream ends)
@@ -116,6 +211,7 @@ fn main() {
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
     bench_body(&mut criterion, &runtime, &prefix);
+    bench_body_over_socket(&mut criterion, &runtime, &prefix);
     criterion.final_summary();
 
     runtime.block_on(async {
@@ -144,5 +240,21 @@ fn main() {
         "Body wrapper throughput against the identity wrapper (identity time / layer time)",
         started,
         &ratios,
+    );
+    let socket_ratios: Vec<Ratio> = FRAME_SIZES
+        .into_iter()
+        .map(|frame_size| {
+            let label = frame_label(frame_size);
+            Ratio {
+                label: format!("tokens {label}"),
+                measured: format!("body_socket_tokens/layer/{label}"),
+                baseline: format!("body_socket_tokens/identity/{label}"),
+            }
+        })
+        .collect();
+    print_ratios(
+        "Over a loopback socket, layer against identity (identity time / layer time)",
+        started,
+        &socket_ratios,
     );
 }

@@ -110,7 +110,7 @@ pub fn frames(body: &Bytes, frame_size: usize) -> Vec<Bytes> {
 }
 
 /// Response body that hands out a prepared buffer in frames of a fixed size,
-/// always ready. Cutting a frame is a reference count increment: no copy.
+/// always ready, with an unknown length as event streams have. Cutting a frame is a reference count increment: no copy.
 pub struct FramedBody {
     rest: Bytes,
     frame_size: usize,
@@ -145,9 +145,9 @@ impl Body for FramedBody {
         self.rest.is_empty()
     }
 
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.rest.len() as u64)
-    }
+    // No exact size hint: an event stream does not know its length, and
+    // served over HTTP/1.1 an exact size would switch the baseline from
+    // chunked encoding to a Content-Length.
 }
 
 /// An inner service that answers every request with `body` as
