@@ -8,8 +8,10 @@
 //! - the same `PEXPIRE`s sent one round trip each, what a refresh without
 //!   batching would cost.
 //!
-//! It also opens the streams one after the other and counts the Redis calls
-//! made before each response, against one `PING` round trip.
+//! Before that, it opens up to 2,000 streams one after the other, and as
+//! many 50 at a time, on layers of their own whose refresh ticks do not come
+//! during the measurement, and counts the Redis calls of each open; the time
+//! to a response is compared with one `PING` round trip.
 //!
 //! The harness starts its own redis-server on a free loopback port, so that
 //! `INFO commandstats` counts only its commands, and gives the layer a
@@ -27,6 +29,7 @@ use std::{
 
 use bytes::Bytes;
 use clap::{Arg, Command, value_parser};
+use futures_util::StreamExt;
 use http::{Request, Response, header};
 use http_body_util::StreamBody;
 use redis::{Cmd, Pipeline, RedisFuture, Value, aio::ConnectionLike, aio::ConnectionManager};
@@ -173,6 +176,161 @@ fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
 
+/// Stale threshold of the layers that only measure opening: their refresh
+/// tick (a third of it) does not come during the measurement.
+const OPEN_STALE_THRESHOLD: Duration = Duration::from_secs(600);
+
+/// Builds a layer for the opening measurements, whose streams end at once
+/// when their bodies are dropped.
+fn opening_layer(conn: &CountingConnection) -> SseResilienceLayer {
+    SseResilienceLayer::new(conn.clone())
+        .key_prefix(KEY_PREFIX)
+        .stale_threshold(OPEN_STALE_THRESHOLD)
+        .drain_timeout(Duration::ZERO)
+        .without_heartbeats()
+}
+
+/// Waits until the streams of `layer` ended and their ends reached Redis.
+async fn wait_until_ended(layer: &SseResilienceLayer) {
+    for _ in 0..3000 {
+        if layer.live_streams() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("streams of an opening measurement did not end within 30 s");
+}
+
+/// Opens `count` streams one after the other and prints the Redis calls and
+/// the time per open, against one `PING` round trip.
+async fn open_sequentially(
+    admin: &mut ConnectionManager,
+    conn: &CountingConnection,
+    redis_pid: u32,
+    count: usize,
+) {
+    let mut ping_conn = conn.clone();
+    let pings = 2000u32;
+    let ping_window = measure(admin, conn, redis_pid, async {
+        for _ in 0..pings {
+            let _: String = redis::cmd("PING")
+                .query_async(&mut ping_conn)
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    let ping = ping_window.wall / pings;
+
+    let layer = opening_layer(conn);
+    let service = layer.layer(idle_stream_service());
+    let mut bodies = Vec::with_capacity(count);
+    let mut open_time = Duration::ZERO;
+    let window = measure(admin, conn, redis_pid, async {
+        for i in 0..count {
+            let request = Request::get(format!("/s?stream_id=o{i}")).body(()).unwrap();
+            let started = Instant::now();
+            let response = service.clone().oneshot(request).await.unwrap();
+            open_time += started.elapsed();
+            assert_eq!(response.status(), 200, "opening stream o{i}");
+            bodies.push(response.into_body());
+        }
+    })
+    .await;
+
+    let per_open = open_time / count as u32;
+    let count_f = count as f64;
+    println!("Opening {count} streams one after the other");
+    println!(
+        "  single calls (one round trip each) per open: {:.3}; background pipelines per open: {:.3}",
+        window.log.single as f64 / count_f,
+        window.log.pipelines.len() as f64 / count_f
+    );
+    println!(
+        "  commands run by redis per open, script internals included: {}",
+        window
+            .calls
+            .iter()
+            .map(|(name, calls)| format!("{name} {:.3}", *calls as f64 / count_f))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  time to response: {:.1} µs per open; one PING round trip: {:.1} µs; ratio {:.2}",
+        per_open.as_secs_f64() * 1e6,
+        ping.as_secs_f64() * 1e6,
+        per_open.as_secs_f64() / ping.as_secs_f64()
+    );
+    println!(
+        "  CPU per open: client {:.1} µs, redis {:.1} µs; per PING: client {:.1} µs, redis {:.1} µs",
+        window.client_cpu.as_secs_f64() * 1e6 / count_f,
+        window.redis_cpu.as_secs_f64() * 1e6 / count_f,
+        ping_window.client_cpu.as_secs_f64() * 1e6 / f64::from(pings),
+        ping_window.redis_cpu.as_secs_f64() * 1e6 / f64::from(pings),
+    );
+    drop(bodies);
+    wait_until_ended(&layer).await;
+}
+
+/// Opens `count` streams, `concurrency` at a time, and prints the Redis
+/// calls per open.
+async fn open_concurrently(
+    admin: &mut ConnectionManager,
+    conn: &CountingConnection,
+    redis_pid: u32,
+    count: usize,
+    concurrency: usize,
+) {
+    let layer = opening_layer(conn);
+    let service = layer.layer(idle_stream_service());
+    let mut bodies = Vec::with_capacity(count);
+    let window = measure(admin, conn, redis_pid, async {
+        let mut opens = open_all(&service, "c", count, concurrency);
+        while let Some(response) = opens.next().await {
+            bodies.push(response.unwrap().into_body());
+        }
+    })
+    .await;
+    println!("Opening {count} streams, {concurrency} at a time");
+    println!(
+        "  single calls per open: {:.3}; background pipelines per open: {:.3}",
+        window.log.single as f64 / count as f64,
+        window.log.pipelines.len() as f64 / count as f64
+    );
+    drop(bodies);
+    wait_until_ended(&layer).await;
+}
+
+/// Returns the responses to `count` stream requests, `concurrency` at a time.
+fn open_all<S>(
+    service: &S,
+    name: &str,
+    count: usize,
+    concurrency: usize,
+) -> impl futures_util::Stream<Item = Result<S::Response, S::Error>>
+where
+    S: Service<Request<()>> + Clone,
+{
+    let name = name.to_owned();
+    futures_util::stream::iter(0..count)
+        .map(move |i| {
+            let request = Request::get(format!("/s?stream_id={name}{i}"))
+                .body(())
+                .unwrap();
+            service.clone().oneshot(request)
+        })
+        .buffer_unordered(concurrency)
+}
+
+/// Waits until the layer's next refresh pipeline has come back, so that a
+/// measurement started now has most of a tick interval to itself.
+async fn after_next_tick(conn: &CountingConnection) {
+    let seen = conn.log.lock().unwrap().pipelines.len();
+    while conn.log.lock().unwrap().pipelines.len() == seen {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 async fn run(redis: &RedisServer, streams: usize, ticks: u32) {
     let client = redis::Client::open(redis.url()).expect("invalid redis url");
     let manager = ConnectionManager::new(client.clone())
@@ -185,86 +343,33 @@ async fn run(redis: &RedisServer, streams: usize, ticks: u32) {
         inner: manager,
         log: Arc::default(),
     };
+
+    // Loads the scripts, so that no measured open pays for it.
+    let warm_layer = opening_layer(&conn);
+    let warm = warm_layer
+        .layer(idle_stream_service())
+        .oneshot(Request::get("/s?stream_id=warm").body(()).unwrap())
+        .await
+        .unwrap();
+    drop(warm);
+    wait_until_ended(&warm_layer).await;
+
+    let opened = streams.min(2000);
+    open_sequentially(&mut admin, &conn, redis.pid(), opened).await;
+    open_concurrently(&mut admin, &conn, redis.pid(), opened, 50).await;
+
     let layer = SseResilienceLayer::new(conn.clone())
         .key_prefix(KEY_PREFIX)
         .stale_threshold(STALE_THRESHOLD)
         .without_heartbeats();
     let service = layer.layer(idle_stream_service());
-
-    // Loads the scripts, so that no open below pays for it. The stream stays
-    // open: a dropped body would be drained, and stay live, anyway.
-    let warm = service
-        .clone()
-        .oneshot(Request::get("/s?stream_id=warm").body(()).unwrap())
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-
-    println!("Opening {streams} streams one after the other");
-    let mut ping_conn = conn.clone();
-    let pings = 2000u32;
-    let ping_window = measure(&mut admin, &conn, redis.pid(), async {
-        for _ in 0..pings {
-            let _: String = redis::cmd("PING")
-                .query_async(&mut ping_conn)
-                .await
-                .unwrap();
-        }
-    })
-    .await;
-    let ping = ping_window.wall / pings;
-
     let mut bodies = Vec::with_capacity(streams);
-    let mut open_time = Duration::ZERO;
-    let open_window = measure(&mut admin, &conn, redis.pid(), async {
-        for i in 0..streams {
-            let request = Request::get(format!("/s?stream_id=s{i}")).body(()).unwrap();
-            let started = Instant::now();
-            let response = service.clone().oneshot(request).await.unwrap();
-            open_time += started.elapsed();
-            assert_eq!(response.status(), 200, "opening stream s{i}");
-            bodies.push(response.into_body());
-        }
-    })
-    .await;
-    let per_open = open_time / streams as u32;
-    println!(
-        "  single calls (one round trip each) per open: {:.3}",
-        open_window.log.single as f64 / streams as f64
-    );
-    println!(
-        "  background pipelines while opening: {} ({} commands)",
-        open_window.log.pipelines.len(),
-        open_window
-            .log
-            .pipelines
-            .iter()
-            .map(|(n, _)| n)
-            .sum::<usize>()
-    );
-    println!(
-        "  commands run by redis per open, script internals included: {}",
-        open_window
-            .calls
-            .iter()
-            .map(|(name, count)| format!("{name} {:.3}", *count as f64 / streams as f64))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "  time to response: {:.1} µs per open; one PING round trip: {:.1} µs; ratio {:.2}",
-        per_open.as_secs_f64() * 1e6,
-        ping.as_secs_f64() * 1e6,
-        per_open.as_secs_f64() / ping.as_secs_f64()
-    );
-    println!(
-        "  CPU per open: client {:.1} µs, redis {:.1} µs; per PING: client {:.1} µs, redis {:.1} µs",
-        open_window.client_cpu.as_secs_f64() * 1e6 / streams as f64,
-        open_window.redis_cpu.as_secs_f64() * 1e6 / streams as f64,
-        ping_window.client_cpu.as_secs_f64() * 1e6 / f64::from(pings),
-        ping_window.redis_cpu.as_secs_f64() * 1e6 / f64::from(pings),
-    );
-    assert_eq!(layer.live_streams(), streams + 1, "every stream is live");
+    let mut opens = open_all(&service, "s", streams, 50);
+    while let Some(response) = opens.next().await {
+        bodies.push(response.unwrap().into_body());
+    }
+    drop(opens);
+    assert_eq!(layer.live_streams(), streams, "every stream is live");
 
     // Lets the index additions flush before the ticks are measured.
     tokio::time::sleep(TICK * 2).await;
@@ -295,6 +400,7 @@ async fn run(redis: &RedisServer, streams: usize, ticks: u32) {
         bare.cmd("PEXPIRE").arg(&key).arg(30_000).ignore();
     }
     let mut bare_conn = conn.clone();
+    after_next_tick(&conn).await;
     let bare_window = measure(&mut admin, &conn, redis.pid(), async {
         for _ in 0..ticks {
             let _: () = bare.query_async(&mut bare_conn).await.unwrap();
@@ -303,6 +409,7 @@ async fn run(redis: &RedisServer, streams: usize, ticks: u32) {
     .await;
     let bare_wire: Duration = bare_window.log.pipelines.iter().map(|(_, d)| *d).sum();
 
+    after_next_tick(&conn).await;
     let sequential_window = measure(&mut admin, &conn, redis.pid(), async {
         for i in 0..streams {
             let _: i64 = redis::cmd("PEXPIRE")
@@ -353,7 +460,7 @@ async fn run(redis: &RedisServer, streams: usize, ticks: u32) {
         "ratio, one round trip per stream / layer tick: wire time {:.1}",
         millis(sequential_window.wall) / (millis(tick_wire) / f64::from(tick_count))
     );
-    drop((bodies, warm));
+    drop(bodies);
 }
 
 fn main() {
