@@ -1,15 +1,17 @@
 //! Throughput of the layer's body wrapper, measured through the layer itself:
 //! the layered tower service is called in-process (no socket) and its
-//! response body read to the end. The inner service answers with a large
+//! response body read to the end. The inner service responds with a large
 //! prepared event-stream body in frames of 1 B, 100 B or 16 KiB.
 //!
 //! The baseline, in the same run, is the same inner service wrapped by an
 //! identity layer whose body only forwards frames. The layer claims each
 //! stream in Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`, under a
-//! key prefix of its own) and records its end; the bodies are large enough
-//! (2 MiB in 1 B frames, 16 MiB in 100 B frames, 64 MiB in 16 KiB frames) that this once-per-request
-//! cost is small beside the frames. `cargo bench --bench request` measures it
-//! on its own.
+//! key prefix of its own) and records its end. The bodies are large enough
+//! (2 MiB in 1 B frames, 16 MiB in 100 B frames, 64 MiB in 16 KiB frames)
+//! that this once-per-request cost is small beside the frames, and
+//! `cargo bench --bench request` measures it on its own.
+//!
+//! A second group makes the same comparison over a loopback socket.
 //!
 //! Run with `cargo bench --bench body`.
 
@@ -143,10 +145,10 @@ async fn fetch(port: u16, path: String) -> usize {
     read_body(response.into_body()).await
 }
 
-/// The same comparison over a real loopback connection: axum serves the
-/// router with the layer and with the identity layer, and a hyper client on
-/// the same thread reads the body, so the socket writes and reads, chunked
-/// encoding and the client are counted on both sides.
+/// Makes the same comparison over a real loopback connection. axum serves
+/// the router with the layer and with the identity layer, and a hyper client
+/// on the same thread reads the body. Both sides so pay for the socket
+/// writes and reads, chunked encoding and the client.
 fn bench_body_over_socket(c: &mut Criterion, runtime: &tokio::runtime::Runtime, prefix: &str) {
     let redis = runtime.block_on(async {
         let client = redis::Client::open(redis_url()).expect("invalid REDIS_URL");

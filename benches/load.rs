@@ -1,10 +1,13 @@
 //! Load harness: N concurrent SSE connections (10,000 by default) held on an
 //! axum server with the layer and, side by side in the same run, on a bare
 //! axum server (`Sse` with `KeepAlive`), both sending a heartbeat every
-//! second. It reports, for each server and as ratios, the memory per stream
-//! (RSS growth over N), CPU time, events received per second and the
-//! lateness of heartbeats (their interval minus the heartbeat interval,
-//! measured by the client), and stops by itself.
+//! second. It stops by itself, and reports for each server and as ratios:
+//!
+//! - memory per stream: RSS growth over N, read from `/proc`;
+//! - CPU time of the server and client processes;
+//! - events received per second;
+//! - heartbeat lateness: the interval between two heartbeats minus the
+//!   heartbeat interval, measured by the client.
 //!
 //! Every server and every client is a process of its own, started from this
 //! binary: a process holds one end of N connections, so it stays under the
@@ -72,6 +75,11 @@ fn cli() -> Command {
         .arg(number("heartbeat-ms", "1000", "heartbeat interval of both servers, milliseconds"))
         .arg(number("concurrency", "200", "connections each client opens at once"))
         .arg(number("warmup-streams", "200", "streams opened and closed before the memory baseline"))
+        .arg(number(
+            "stale-secs",
+            "30",
+            "stale threshold of the layer, seconds; it refreshes its streams every third of it",
+        ))
         // Internal: the roles of the child processes.
         .arg(Arg::new("role").long("role").hide(true))
         .arg(Arg::new("layer").long("layer").action(ArgAction::SetTrue).hide(true))
@@ -197,6 +205,7 @@ fn orchestrate(matches: &ArgMatches) {
             format!("--heartbeat-ms={heartbeat}"),
             format!("--concurrency={}", number(matches, "concurrency")),
             format!("--warmup-streams={}", number(matches, "warmup-streams")),
+            format!("--stale-secs={}", number(matches, "stale-secs")),
         ]
     };
 
@@ -384,6 +393,7 @@ fn report(
 
 fn serve(matches: &ArgMatches) {
     let heartbeat = Duration::from_millis(number(matches, "heartbeat-ms"));
+    let stale_threshold = Duration::from_secs(number(matches, "stale-secs"));
     let with_layer = matches.get_flag("layer");
     let redis_url = matches.get_one::<String>("redis-url").cloned();
     let runtime = tokio::runtime::Runtime::new().expect("failed to build the runtime");
@@ -401,7 +411,8 @@ fn serve(matches: &ArgMatches) {
                 .layer(
                     sse_resilience::SseResilienceLayer::new(redis)
                         .key_prefix("load:")
-                        .heartbeat_interval(heartbeat),
+                        .heartbeat_interval(heartbeat)
+                        .stale_threshold(stale_threshold),
                 )
         } else {
             Router::new().route(
@@ -432,7 +443,7 @@ fn serve(matches: &ArgMatches) {
     std::process::exit(0);
 }
 
-/// An event stream that never sends an event and never ends.
+/// Returns an event stream that never sends an event and never ends.
 fn silent_stream() -> impl Stream<Item = Result<Event, Infallible>> {
     stream::pending()
 }
@@ -440,7 +451,7 @@ fn silent_stream() -> impl Stream<Item = Result<Event, Infallible>> {
 // ---------------------------------------------------------------------------
 // Clients
 
-/// What one client connection reports.
+/// Measurements of one client connection.
 #[derive(Default)]
 struct StreamStats {
     /// Intervals between two events that ended inside the window, microseconds.

@@ -1,6 +1,6 @@
 //! Throughput of `EventStreamParser` on realistic bodies cut into frames of
-//! 1 B, 100 B and 16 KiB, against a baseline in the same run: a `memchr2`
-//! search for the line ends of the same frames, the least work any line
+//! 1 B, 100 B and 16 KiB. The baseline, in the same run, is a `memchr2`
+//! search for the line ends of the same frames: the least work any line
 //! scanner does.
 //!
 //! Run with `cargo bench --bench parser`. The summary at the end prints each

@@ -9,9 +9,10 @@
 //!   batching would cost.
 //!
 //! Before that, it opens up to 2,000 streams one after the other, and as
-//! many 50 at a time, on layers of their own whose refresh ticks do not come
-//! during the measurement, and counts the Redis calls of each open; the time
-//! to a response is compared with one `PING` round trip.
+//! many 50 at a time, and counts the Redis calls of each open. These streams
+//! are on layers of their own, whose refresh ticks do not come during the
+//! measurement. The time to a response is compared with one `PING` round
+//! trip.
 //!
 //! The harness starts its own redis-server on a free loopback port, so that
 //! `INFO commandstats` counts only its commands, and gives the layer a
@@ -102,7 +103,7 @@ impl ConnectionLike for CountingConnection {
 type IdleBody =
     StreamBody<futures_util::stream::Pending<Result<http_body::Frame<Bytes>, Infallible>>>;
 
-/// An inner service whose event streams never send a byte and never end.
+/// Builds an inner service whose event streams never send a byte and never end.
 fn idle_stream_service()
 -> impl Service<Request<()>, Response = Response<IdleBody>, Error = Infallible, Future = impl Send>
 + Clone

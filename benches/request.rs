@@ -2,12 +2,12 @@
 //! `redis://127.0.0.1:6379`, under a key prefix of its own), beside the same
 //! app without the layer, in the same run.
 //!
-//! - claim path: a new stream id; the layer claims it (one script call),
-//!   calls the inner service, and records the end when the small body ends
-//!   (a background write, plus index updates batched by the registry);
-//! - replay path: the id of a finished stream; the layer answers from Redis
-//!   without calling the inner service;
-//! - the app without the layer: the inner service answers the same request;
+//! - claim path: a new stream id. The layer claims it (one script call) and
+//!   calls the inner service. When the small body ends, a background task
+//!   records the end, and the registry batches the index updates.
+//! - replay path: the id of a finished stream. The layer responds from Redis
+//!   without calling the inner service.
+//! - the app without the layer: the inner service responds to the same request.
 //! - one Redis round trip (`PING` on the same kind of connection), the unit
 //!   the layer's cost is counted in.
 //!
@@ -41,7 +41,7 @@ use tower::{Layer, Service, ServiceExt};
 const SMALL_BODY: &str = "id: 1\ndata: {\"type\":\"token\",\"text\":\"Hi\"}\n\n\
 id: 2\nevent: completed\ndata: {\"type\":\"completed\",\"text\":\"Hi\"}\n\n";
 
-/// An inner service that streams `SMALL_BODY` and counts its calls.
+/// Builds an inner service that streams `SMALL_BODY` and counts its calls.
 fn small_stream_service(
     calls: Arc<AtomicUsize>,
 ) -> impl Service<
@@ -84,7 +84,7 @@ fn bench_requests(c: &mut Criterion, runtime: &tokio::runtime::Runtime, prefix: 
     let next_id = AtomicU64::new(0);
 
     // A finished stream for the replay path: run it once, then wait until a
-    // second request is answered from Redis without calling the inner service.
+    // second request is served from Redis without calling the inner service.
     runtime.block_on(async {
         let request = || Request::get("/events?stream_id=finished").body(()).unwrap();
         let response = layered.clone().oneshot(request()).await.unwrap();

@@ -83,7 +83,7 @@ const WORDS: [&str; 8] = [
     "the", "stream", "keeps", "going", "while", "tokens", "arrive", "fast",
 ];
 
-/// A JSON object of about 16 KiB on one line: a list of records.
+/// Builds a JSON object of about 16 KiB on one line: a list of records.
 fn large_json(seq: u64) -> String {
     let mut json = format!("{{\"type\":\"result\",\"seq\":{seq},\"items\":[");
     for item in 0..160 {
@@ -150,7 +150,7 @@ impl Body for FramedBody {
     // chunked encoding to a Content-Length.
 }
 
-/// An inner service that answers every request with `body` as
+/// Builds an inner service that responds to every request with `body` as
 /// `text/event-stream`, cut into frames of `frame_size` bytes.
 pub fn event_stream_service(
     body: Bytes,
@@ -307,9 +307,9 @@ pub struct Ratio {
     pub baseline: String,
 }
 
-/// Prints, for each pair, the times per iteration criterion wrote in this run and
-/// their ratio `baseline / measured` (1.0 means no cost; above 1.0 would be
-/// faster than the baseline). Pairs not run now (filtered out) are skipped.
+/// Prints, for each pair, the times per iteration criterion wrote in this
+/// run and their ratio `baseline / measured`, where 1.0 means no cost. Pairs
+/// not run now (filtered out) are skipped.
 pub fn print_ratios(title: &str, started: SystemTime, ratios: &[Ratio]) {
     let dir = criterion_dir();
     println!();
