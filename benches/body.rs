@@ -130,11 +130,11 @@ async fn serve_loopback(router: axum::Router) -> u16 {
 async fn fetch(port: u16, path: String) -> usize {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
-        .expect("connect to the loopback server");
+        .expect("failed to connect to the loopback server");
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
             .await
-            .expect("HTTP/1.1 handshake");
+            .expect("HTTP/1.1 handshake failed");
     tokio::spawn(connection);
     let request = Request::get(path)
         .header("host", "127.0.0.1")
@@ -147,7 +147,7 @@ async fn fetch(port: u16, path: String) -> usize {
 
 /// Makes the same comparison over a real loopback connection. axum serves
 /// the router with the layer and with the identity layer, and a hyper client
-/// on the same thread reads the body. Both sides so pay for the socket
+/// on the same thread reads the body. So both sides pay for the socket
 /// writes and reads, chunked encoding and the client.
 fn bench_body_over_socket(c: &mut Criterion, runtime: &tokio::runtime::Runtime, prefix: &str) {
     let redis = runtime.block_on(async {
