@@ -27,6 +27,10 @@ use crate::{
 
 const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
 
+/// Frames read in a row, without the body waiting, between two checks of the
+/// lifetime and idle deadlines: the clock is not read for every frame.
+const DEADLINE_CHECK_FRAMES: u32 = 64;
+
 pin_project! {
     /// Response body of [`SseResilience`](crate::SseResilience).
     ///
@@ -71,6 +75,12 @@ struct TrackedStream<B> {
     timer: Pin<Box<Sleep>>,
     timer_deadline: Instant,
     last_activity: Instant,
+    /// Data went out since `last_activity` was set. The time is read only
+    /// when the inner body is idle: a clock read per frame would cost more
+    /// than the rest of the frame's handling when frames are small.
+    active: bool,
+    /// Frames received since the deadlines were last checked.
+    frames_unchecked: u32,
     lifetime_deadline: Instant,
     data_seen: bool,
     heartbeat_before_data: bool,
@@ -140,6 +150,8 @@ where
                     timer: Box::pin(tokio::time::sleep_until(first_deadline)),
                     timer_deadline: first_deadline,
                     last_activity: now,
+                    active: false,
+                    frames_unchecked: 0,
                     lifetime_deadline,
                     data_seen: false,
                     heartbeat_before_data: false,
@@ -254,8 +266,13 @@ where
                 Poll::Ready(Some(Ok(frame))) => {
                     let first = self.on_frame(frame);
                     // A body that always has a frame ready would never reach
-                    // the deadline checks below.
-                    self.overdue = self.passed_deadline(Instant::now());
+                    // the deadline checks below, so every DEADLINE_CHECK_FRAMES
+                    // frames the clock is read here too.
+                    self.frames_unchecked += 1;
+                    if self.frames_unchecked >= DEADLINE_CHECK_FRAMES {
+                        self.frames_unchecked = 0;
+                        self.overdue = self.passed_deadline(Instant::now());
+                    }
                     match first {
                         Some(first) => return Poll::Ready(Some(Ok(first))),
                         None => continue,
@@ -279,6 +296,9 @@ where
             }
 
             let now = Instant::now();
+            if std::mem::take(&mut self.active) {
+                self.last_activity = now;
+            }
             if let Some(reason) = self.passed_deadline(now) {
                 self.expire(reason);
                 return Poll::Ready(None);
@@ -359,7 +379,7 @@ where
             data = self.strip_leading_bom(data)?;
         }
         self.data_seen = true;
-        self.last_activity = Instant::now();
+        self.active = true;
         let Some(tracker) = self.tracker.as_mut() else {
             return Some(Frame::data(data));
         };

@@ -483,7 +483,7 @@ impl EventStreamParser {
                 store_event_type(&mut self.event_type, kept);
             }
             Field::Id => {
-                let has_nul = memchr(0, value).is_some();
+                let has_nul = contains_nul(value);
                 let too_long = value.len() > MAX_FIELD_VALUE_BYTES;
                 let kept = &value[..value.len().min(VALUE_SCRATCH_BYTES)];
                 self.store_id(kept, has_nul, too_long);
@@ -564,7 +564,7 @@ impl EventStreamParser {
 
     /// Copies value bytes into the scratch buffer, up to `VALUE_SCRATCH_BYTES`.
     fn append_value_bytes(&mut self, piece: &[u8]) {
-        if memchr(0, piece).is_some() {
+        if contains_nul(piece) {
             self.value_has_nul = true;
         }
         let room = VALUE_SCRATCH_BYTES - self.value_scratch.len();
@@ -612,7 +612,7 @@ impl EventStreamParser {
             return;
         }
         if !too_long {
-            let decoded = String::from_utf8_lossy(raw_value);
+            let decoded = decode_lossy(raw_value);
             if decoded.len() <= MAX_FIELD_VALUE_BYTES {
                 replace_bounded(&mut self.last_event_id, &decoded);
                 self.has_block_id = true;
@@ -708,6 +708,22 @@ impl EventStreamParser {
     }
 }
 
+/// Length up to which `contains_nul` checks bytes in a plain loop: a call
+/// into `memchr` costs more than that on the short values of `id` lines.
+const SHORT_SCAN_BYTES: usize = 32;
+
+/// Returns true when `bytes` contains a NUL byte.
+// `<[u8]>::contains` calls the standard library's memchr, which also costs
+// more than this loop on values of a few bytes (callgrind).
+#[allow(clippy::manual_contains)]
+fn contains_nul(bytes: &[u8]) -> bool {
+    if bytes.len() <= SHORT_SCAN_BYTES {
+        bytes.iter().any(|&byte| byte == 0)
+    } else {
+        memchr(0, bytes).is_some()
+    }
+}
+
 /// Returns the field a name sets.
 fn classify_field(name: &[u8]) -> Field {
     match name {
@@ -721,12 +737,23 @@ fn classify_field(name: &[u8]) -> Field {
 /// Stores an `event` value, decoded lossily and cut to `MAX_FIELD_VALUE_BYTES` at a
 /// character boundary. `raw_value` is its first `VALUE_SCRATCH_BYTES` bytes.
 fn store_event_type(event_type: &mut String, raw_value: &[u8]) {
-    let decoded = String::from_utf8_lossy(raw_value);
+    let decoded = decode_lossy(raw_value);
     let mut cut = decoded.len().min(MAX_FIELD_VALUE_BYTES);
     while !decoded.is_char_boundary(cut) {
         cut -= 1;
     }
     replace_bounded(event_type, &decoded[..cut]);
+}
+
+/// Decodes UTF-8 with invalid sequences replaced by U+FFFD, as
+/// `String::from_utf8_lossy` does. Valid input, the common case, takes the
+/// faster `str::from_utf8` check, since the lossy decoder's chunk iterator
+/// costs more than the check on the short values of `id` and `event` lines.
+fn decode_lossy(raw: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(raw) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(raw),
+    }
 }
 
 /// Replaces the contents of `target` and grows its capacity only to `value.len()`.

@@ -1,6 +1,11 @@
 //! Rules that decide which event ends a stream.
 
-use std::{fmt, sync::Arc};
+use std::{
+    fmt,
+    sync::{Arc, LazyLock},
+};
+
+use memchr::memmem::Finder;
 
 use crate::parser::Event;
 
@@ -182,6 +187,9 @@ fn outcome_of_name(name: &str) -> Option<Outcome> {
     }
 }
 
+static COMPLETED_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new("completed"));
+static FAILED_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new("failed"));
+
 fn classify_default(event: &Event<'_>) -> Option<Outcome> {
     let event_type = event.event_type();
     if event_type != "message" {
@@ -189,9 +197,11 @@ fn classify_default(event: &Event<'_>) -> Option<Outcome> {
     }
 
     // Most `message` events are progress; a substring check spares the JSON parse.
+    // The searchers are built once: building one costs more than searching a
+    // small event.
     let raw = event.raw();
-    let has_completed = memchr::memmem::find(raw, b"completed").is_some();
-    if !has_completed && memchr::memmem::find(raw, b"failed").is_none() {
+    let has_completed = COMPLETED_FINDER.find(raw).is_some();
+    if !has_completed && FAILED_FINDER.find(raw).is_none() {
         return None;
     }
     let data = event.data();

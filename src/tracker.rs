@@ -148,7 +148,13 @@ impl Tracker {
                 None
             };
             let mut bytes = None;
-            let mut event_id = event.id().map(Arc::<str>::from);
+            // The id is copied only for the log or a terminal event: most
+            // events need neither, and the copy is an allocation.
+            let mut event_id = if log.is_some() || outcome.is_some() {
+                event.id().map(Arc::<str>::from)
+            } else {
+                None
+            };
 
             if let Some(log) = log.as_mut() {
                 log.seq += 1;
@@ -205,7 +211,8 @@ impl Tracker {
                 terminal = Some((outcome, bytes, event_id, event.is_truncated()));
             }
         });
-        if dispatched {
+        // The clock is read only when an idle timeout needs it.
+        if dispatched && self.shared.config.idle_timeout.is_some() {
             self.last_event_at = Instant::now();
         }
 
