@@ -196,6 +196,7 @@ pub struct StreamMetadata(pub serde_json::Value);
 
 /// The reason a stream id was rejected.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum InvalidId {
     /// The id is empty.
     Empty,
@@ -203,6 +204,9 @@ pub enum InvalidId {
     TooLong(usize),
     /// The id contains a character outside `A-Z a-z 0-9 . _ ~ -`.
     BadCharacter(char),
+    /// The id is `.` or `..`, path segments that browsers, HTTP clients and
+    /// proxies rewrite, so no client could ask for the stream again.
+    DotSegment,
 }
 
 impl fmt::Display for InvalidId {
@@ -217,18 +221,25 @@ impl fmt::Display for InvalidId {
                 f,
                 "invalid stream id: character {c:?} is not allowed, use only A-Z a-z 0-9 . _ ~ -"
             ),
+            InvalidId::DotSegment => {
+                f.write_str("invalid stream id: `.` and `..` are path segments, not ids")
+            }
         }
     }
 }
 
 impl std::error::Error for InvalidId {}
 
-/// Checks that `id` has 1 to 128 characters of `A-Z a-z 0-9 . _ ~ -`.
+/// Checks that `id` has 1 to 128 characters of `A-Z a-z 0-9 . _ ~ -` and is
+/// not `.` or `..`.
 ///
 /// Stream ids become part of Redis key names, so nothing else is accepted.
 pub fn validate_stream_id(id: &str) -> Result<(), InvalidId> {
     if id.is_empty() {
         return Err(InvalidId::Empty);
+    }
+    if id == "." || id == ".." {
+        return Err(InvalidId::DotSegment);
     }
     if let Some(c) = id.chars().find(|c| !is_id_char(*c)) {
         return Err(InvalidId::BadCharacter(c));
@@ -346,6 +357,10 @@ mod tests {
                 "{id:?}"
             );
         }
+        assert_eq!(validate_stream_id("."), Err(InvalidId::DotSegment));
+        assert_eq!(validate_stream_id(".."), Err(InvalidId::DotSegment));
+        assert_eq!(validate_stream_id("..."), Ok(()));
+        assert_eq!(validate_stream_id(".a"), Ok(()));
     }
 
     #[test]

@@ -80,15 +80,24 @@ where
         let config = &self.shared.config;
         let (mut parts, body) = request.into_parts();
 
-        // A HEAD or OPTIONS request has no body to stream: claiming it would drain a
-        // whole run that no client reads.
-        let lookup = if matches!(parts.method, Method::HEAD | Method::OPTIONS) {
-            IdLookup::NotApplicable
-        } else {
+        // Streams are opened by GET (EventSource) and POST (APIs that stream
+        // their answer). A HEAD request has no body to stream, and claiming it
+        // would drain a whole run that no client reads; DELETE, PUT and the
+        // rest belong to the app.
+        let lookup = if matches!(parts.method, Method::GET | Method::POST) {
             config.id_source.lookup(&parts)
+        } else {
+            IdLookup::NotApplicable
         };
         let id = match lookup {
             IdLookup::NotApplicable => {
+                return ResponseFuture::passthrough(
+                    self.inner.call(Request::from_parts(parts, body)),
+                );
+            }
+            // Without an id, only a request that asks for an event stream gets
+            // one: other requests (JSON calls, pages) never touch the store.
+            IdLookup::Missing if !accepts_event_stream(&parts.headers) => {
                 return ResponseFuture::passthrough(
                     self.inner.call(Request::from_parts(parts, body)),
                 );

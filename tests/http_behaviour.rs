@@ -855,7 +855,15 @@ async fn max_length_id_accepted() {
 #[tokio::test]
 async fn missing_id_gets_generated_id() {
     let harness = Harness::start("generated_id", |layer| layer).await;
-    let stream = harness.open("/sse").await;
+    let response = harness
+        .server
+        .client
+        .get(harness.server.url("/sse"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let stream = ClientStream::new(response, harness.server.scripted.next_stream().await);
     assert_eq!(stream.status, StatusCode::OK);
 
     let id = stream
@@ -873,6 +881,58 @@ async fn missing_id_gets_generated_id() {
     assert_eq!(harness.state(&id).await.as_deref(), Some("active"));
     assert_eq!(harness.field(&id, "id").await.as_deref(), Some(id.as_str()));
     stream.finish().await;
+}
+
+#[tokio::test]
+async fn missing_id_without_accept_passes_through() {
+    let harness = Harness::start("no_id_no_accept", |layer| layer).await;
+
+    let (status, headers, body) = harness.fetch("/fixed", &[]).await;
+
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get("x-stream-id").is_none());
+    assert!(body.ends_with(b"\n\n"), "body {}", show(&body));
+    assert_eq!(harness.server.scripted.calls(), 1);
+}
+
+#[tokio::test]
+async fn other_methods_pass_through() {
+    let harness = Harness::start("other_methods", |layer| layer).await;
+    harness.fetch("/fixed?stream_id=d", &[]).await;
+    harness.wait_for_state("d", "completed").await;
+
+    for method in [reqwest::Method::DELETE, reqwest::Method::PUT] {
+        let response = harness
+            .server
+            .client
+            .request(method.clone(), harness.server.url("/fixed?stream_id=d"))
+            .send()
+            .await
+            .unwrap();
+        // The app has no such route: its 405, not the layer's replay.
+        assert_eq!(
+            response.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method}"
+        );
+        assert!(response.headers().get("x-stream-id").is_none(), "{method}");
+    }
+    assert_eq!(harness.state("d").await.as_deref(), Some("completed"));
+}
+
+#[tokio::test]
+async fn dot_segment_ids_rejected() {
+    let harness = Harness::start("dot_ids", |layer| layer).await;
+    for id in [".", ".."] {
+        let (status, _, body) = harness.fetch(&format!("/sse?stream_id={id}"), &[]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{id}");
+        assert!(
+            String::from_utf8_lossy(&body).contains("path segments"),
+            "body {}",
+            show(&body)
+        );
+    }
+    assert_eq!(harness.server.scripted.calls(), 0);
 }
 
 // Terminal rules.
