@@ -12,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use crate::{common::redis_url, support::free_port};
+use crate::{
+    common::redis_url,
+    support::{free_port, wait_or_kill},
+};
 
 /// Path of the binary Cargo built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_sse-resilience");
@@ -101,17 +104,7 @@ pub async fn run_closing_stdout(prefix: &str, args: &[&str], read_bytes: usize) 
         }
         drop(reader);
 
-        let mut status = None;
-        for _ in 0..3000 {
-            status = child.try_wait().unwrap();
-            if status.is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let Some(status) = status else {
-            let _ = child.kill();
-            let _ = child.wait();
+        let Some(status) = wait_or_kill(&mut child, Duration::from_secs(60)) else {
             panic!("the command did not exit within 60 s of its stdout closing");
         };
         let stderr_text = std::fs::read_to_string(&stderr).unwrap_or_default();
