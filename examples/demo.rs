@@ -87,7 +87,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    let addr: SocketAddr = env_or("ADDR", "127.0.0.1:3000").parse()?;
+    let addr = env_addr("ADDR", "127.0.0.1:3000")?;
     let heartbeat = Duration::from_secs(env_secs("HEARTBEAT_SECS", 15)?);
     let stale = Duration::from_secs(env_secs("STALE_SECS", 30)?);
     let sweep = Duration::from_secs(env_secs("GUARDIAN_SECS", 30)?);
@@ -323,6 +323,13 @@ async fn generate(
 
 fn env_or(name: &str, default: &str) -> String {
     env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn env_addr(name: &str, default: &str) -> Result<SocketAddr, String> {
+    let value = env_or(name, default);
+    value.parse().map_err(|e| {
+        format!("invalid {name} {value:?}: {e}; expected an IP address and port such as {default}")
+    })
 }
 
 fn env_secs(name: &str, default: u64) -> Result<u64, String> {

@@ -99,3 +99,25 @@ async fn redis_password_never_printed() {
         }
     }
 }
+
+#[tokio::test]
+async fn invalid_addr_is_named() {
+    let outcome = run_example(
+        "demo",
+        &[
+            ("ADDR", "bogus"),
+            (
+                "REDIS_PROBE_URL",
+                &format!("redis://127.0.0.1:{}", free_port()),
+            ),
+        ],
+    )
+    .await;
+
+    let output = &outcome.output;
+    assert!(!outcome.status.success(), "{output}");
+    // `main` prints its error with `Debug`, so the quotes come escaped.
+    assert!(output.contains("invalid ADDR \\\"bogus\\\""), "{output}");
+    assert!(output.contains("such as 127.0.0.1:3000"), "{output}");
+    assert!(!output.contains("AddrParseError"), "{output}");
+}
