@@ -3,8 +3,8 @@
 //!
 //! ```sh
 //! cargo run --example hyper
-//! curl -N 'http://127.0.0.1:3002/events/job-1?count=5'
-//! curl -N 'http://127.0.0.1:3002/events/job-1'   # replayed from Redis
+//! curl -N 'http://127.0.0.1:3002/events/hyper-1?count=5'
+//! curl -N 'http://127.0.0.1:3002/events/hyper-1'   # replayed from Redis
 //! ```
 //!
 //! Environment: `ADDR` (default `127.0.0.1:3002`), `REDIS_URL` (default
@@ -66,7 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "cannot listen on {addr}: {error}; set ADDR to a free address such as 127.0.0.1:3002"
         )
     })?;
-    tracing::info!(%addr, "listening; try GET /events/job-1?count=5");
+    tracing::info!(%addr, "listening; try GET /events/hyper-1?count=5");
     serve(listener, layer, async {
         let _ = tokio::signal::ctrl_c().await;
     })

@@ -4,8 +4,8 @@
 //!
 //! ```sh
 //! cargo run --example tonic
-//! curl -N 'http://127.0.0.1:50051/events/job-1?count=5'
-//! curl -N 'http://127.0.0.1:50051/events/job-1'   # replayed from Redis
+//! curl -N 'http://127.0.0.1:50051/events/tonic-1?count=5'
+//! curl -N 'http://127.0.0.1:50051/events/tonic-1'   # replayed from Redis
 //! grpcurl -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check
 //! ```
 //!
@@ -66,7 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "cannot listen on {addr}: {error}; set ADDR to a free address such as 127.0.0.1:50051"
         )
     })?;
-    tracing::info!(%addr, "listening; try GET /events/job-1?count=5 or grpc.health.v1.Health/Check");
+    tracing::info!(%addr, "listening; try GET /events/tonic-1?count=5 or grpc.health.v1.Health/Check");
     serve(listener, layer, async {
         let _ = tokio::signal::ctrl_c().await;
         // Live streams get a `retry:` hint and end; their results are still recorded.
