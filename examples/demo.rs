@@ -53,6 +53,11 @@ use sse_resilience::{
 };
 use tokio_util::sync::CancellationToken;
 
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use redis_support::redact_url;
+
 const WORDS: &[&str] = &[
     "Streams", "that", "survive", "dropped", "clients,", "crashed", "servers", "and", "slow",
     "networks", "deliver", "every", "result", "exactly", "once.",
@@ -82,7 +87,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    let addr: SocketAddr = env_or("ADDR", "127.0.0.1:3000").parse()?;
+    let addr = env_addr("ADDR", "127.0.0.1:3000")?;
     let heartbeat = Duration::from_secs(env_secs("HEARTBEAT_SECS", 15)?);
     let stale = Duration::from_secs(env_secs("STALE_SECS", 30)?);
     let sweep = Duration::from_secs(env_secs("GUARDIAN_SECS", 30)?);
@@ -175,6 +180,8 @@ async fn connect_store() -> Result<(SseResilienceLayer, StreamGuardian), String>
             .split(',')
             .map(|node| format!("redis://{}", node.trim()))
             .collect();
+        let shown: Vec<String> = urls.iter().map(|url| redact_url(url)).collect();
+        let nodes = shown.join(",");
         let client = redis::cluster::ClusterClient::new(urls)
             .map_err(|e| format!("invalid REDIS_CLUSTER_NODES {nodes:?}: {e}"))?;
         let cluster = ReconnectingCluster::connect(client).await.map_err(|e| {
@@ -190,16 +197,10 @@ async fn connect_store() -> Result<(SseResilienceLayer, StreamGuardian), String>
     }
 
     if let Ok(redis_url) = env::var("REDIS_URL") {
-        let client = redis::Client::open(redis_url.as_str())
-            .map_err(|e| format!("invalid REDIS_URL {redis_url:?}: {e}"))?;
-        let redis = redis::aio::ConnectionManager::new(client)
+        let redis = redis_support::connect(&redis_url, "REDIS_URL", redis_support::CONNECT_TIMEOUT)
             .await
-            .map_err(|e| {
-                format!(
-                    "cannot connect to redis at {redis_url}: {e}; start redis-server, or unset REDIS_URL to use the in-memory store"
-                )
-            })?;
-        tracing::info!(%redis_url, "connected to redis");
+            .map_err(|e| format!("{e}, or unset REDIS_URL to use the in-memory store"))?;
+        tracing::info!(redis_url = %redact_url(&redis_url), "connected to redis");
         return Ok((
             SseResilienceLayer::new(redis.clone()),
             StreamGuardian::new(redis),
@@ -207,9 +208,9 @@ async fn connect_store() -> Result<(SseResilienceLayer, StreamGuardian), String>
     }
 
     let probe_url = env_or("REDIS_PROBE_URL", "redis://127.0.0.1:6379");
-    match probe_redis(&probe_url).await {
+    match redis_support::connect(&probe_url, "REDIS_PROBE_URL", REDIS_PROBE_TIMEOUT).await {
         Ok(redis) => {
-            tracing::info!(redis_url = %probe_url, "connected to redis");
+            tracing::info!(redis_url = %redact_url(&probe_url), "connected to redis");
             Ok((
                 SseResilienceLayer::new(redis.clone()),
                 StreamGuardian::new(redis),
@@ -217,7 +218,7 @@ async fn connect_store() -> Result<(SseResilienceLayer, StreamGuardian), String>
         }
         Err(reason) => {
             tracing::warn!(
-                redis_url = %probe_url,
+                redis_url = %redact_url(&probe_url),
                 %reason,
                 "REDIS_URL is unset and no redis answered: using the in-memory store, so streams live in this process only and are lost when it stops"
             );
@@ -228,25 +229,6 @@ async fn connect_store() -> Result<(SseResilienceLayer, StreamGuardian), String>
             ))
         }
     }
-}
-
-/// Connects to the Redis at `url` and checks that it replies to PING, within
-/// [`REDIS_PROBE_TIMEOUT`].
-async fn probe_redis(url: &str) -> Result<redis::aio::ConnectionManager, String> {
-    let connect = async {
-        let client = redis::Client::open(url).map_err(|e| format!("invalid url: {e}"))?;
-        let mut redis = redis::aio::ConnectionManager::new(client)
-            .await
-            .map_err(|e| e.to_string())?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut redis)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(redis)
-    };
-    tokio::time::timeout(REDIS_PROBE_TIMEOUT, connect)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {REDIS_PROBE_TIMEOUT:?}")))
 }
 
 /// Renders the metrics in the Prometheus text format.
@@ -341,6 +323,13 @@ async fn generate(
 
 fn env_or(name: &str, default: &str) -> String {
     env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn env_addr(name: &str, default: &str) -> Result<SocketAddr, String> {
+    let value = env_or(name, default);
+    value.parse().map_err(|e| {
+        format!("invalid {name} {value:?}: {e}; expected an IP address and port such as {default}")
+    })
 }
 
 fn env_secs(name: &str, default: u64) -> Result<u64, String> {

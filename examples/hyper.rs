@@ -3,8 +3,8 @@
 //!
 //! ```sh
 //! cargo run --example hyper
-//! curl -N 'http://127.0.0.1:3002/events/job-1?count=5'
-//! curl -N 'http://127.0.0.1:3002/events/job-1'   # replayed from Redis
+//! curl -N 'http://127.0.0.1:3002/events/hyper-1?count=5'
+//! curl -N 'http://127.0.0.1:3002/events/hyper-1'   # replayed from Redis
 //! ```
 //!
 //! Environment: `ADDR` (default `127.0.0.1:3002`), `REDIS_URL` (default
@@ -30,6 +30,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 
+#[path = "support/redis.rs"]
+mod redis_support;
+
 /// The body of every response of the inner service.
 pub type EventBody = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -49,12 +52,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3002".to_owned());
     let redis_url =
         std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let client = redis::Client::open(redis_url.as_str())?;
-    let redis = redis::aio::ConnectionManager::new(client)
-        .await
-        .map_err(|error| {
-            format!("cannot reach Redis at {redis_url}: {error}; start Redis or set REDIS_URL")
-        })?;
+    let redis =
+        redis_support::connect(&redis_url, "REDIS_URL", redis_support::CONNECT_TIMEOUT).await?;
 
     let stop_guardian = CancellationToken::new();
     let guardian =
@@ -62,8 +61,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let layer = SseResilienceLayer::new(redis);
     let shutdown = layer.shutdown_handle();
 
-    let listener = TcpListener::bind(&addr).await?;
-    tracing::info!(%addr, "listening; try GET /events/job-1?count=5");
+    let listener = TcpListener::bind(&addr).await.map_err(|error| {
+        format!(
+            "cannot listen on {addr}: {error}; set ADDR to a free address such as 127.0.0.1:3002"
+        )
+    })?;
+    tracing::info!(%addr, "listening; try GET /events/hyper-1?count=5");
     serve(listener, layer, async {
         let _ = tokio::signal::ctrl_c().await;
     })

@@ -4,8 +4,8 @@
 //!
 //! ```sh
 //! cargo run --example tonic
-//! curl -N 'http://127.0.0.1:50051/events/job-1?count=5'
-//! curl -N 'http://127.0.0.1:50051/events/job-1'   # replayed from Redis
+//! curl -N 'http://127.0.0.1:50051/events/tonic-1?count=5'
+//! curl -N 'http://127.0.0.1:50051/events/tonic-1'   # replayed from Redis
 //! grpcurl -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check
 //! ```
 //!
@@ -33,6 +33,9 @@ use tonic::{service::Routes, transport::Server};
 use tonic_web::GrpcWebLayer;
 use tower::Layer;
 
+#[path = "support/redis.rs"]
+mod redis_support;
+
 /// The path prefix of the event-stream route; the segment after it is the stream id.
 pub const EVENTS_PREFIX: &str = "/events/";
 
@@ -49,12 +52,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:50051".to_owned());
     let redis_url =
         std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let client = redis::Client::open(redis_url.as_str())?;
-    let redis = redis::aio::ConnectionManager::new(client)
-        .await
-        .map_err(|error| {
-            format!("cannot reach Redis at {redis_url}: {error}; start Redis or set REDIS_URL")
-        })?;
+    let redis =
+        redis_support::connect(&redis_url, "REDIS_URL", redis_support::CONNECT_TIMEOUT).await?;
 
     let stop_guardian = CancellationToken::new();
     let guardian =
@@ -62,8 +61,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let layer = SseResilienceLayer::new(redis);
     let shutdown = layer.shutdown_handle();
 
-    let listener = TcpListener::bind(&addr).await?;
-    tracing::info!(%addr, "listening; try GET /events/job-1?count=5 or grpc.health.v1.Health/Check");
+    let listener = TcpListener::bind(&addr).await.map_err(|error| {
+        format!(
+            "cannot listen on {addr}: {error}; set ADDR to a free address such as 127.0.0.1:50051"
+        )
+    })?;
+    tracing::info!(%addr, "listening; try GET /events/tonic-1?count=5 or grpc.health.v1.Health/Check");
     serve(listener, layer, async {
         let _ = tokio::signal::ctrl_c().await;
         // Live streams get a `retry:` hint and end; their results are still recorded.

@@ -10,7 +10,7 @@ use crate::{
     MemoryStore,
     config::{
         DEFAULT_COMPLETION_TTL, DEFAULT_KEY_PREFIX, DEFAULT_REDIS_TIMEOUT, DEFAULT_STALE_THRESHOLD,
-        require_non_zero,
+        require_non_zero, worth_logging,
     },
     metrics,
     store::{BoxFuture, Keys, OrphanResult, RedisStore, StaleCandidate, StoreError, now_ms},
@@ -279,23 +279,45 @@ impl StreamGuardian {
             "guardian started"
         );
 
+        // Failed sweeps in a row. While Redis is down only the 1st, 2nd, 4th,
+        // 8th and so on are logged.
+        let mut failures: u64 = 0;
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = ticker.tick() => {}
             }
             let sweep = self.sweep();
-            tokio::select! {
+            let result = tokio::select! {
                 _ = &mut shutdown => break,
-                result = sweep => match result {
-                    Ok(report) if !report.orphaned.is_empty() || report.dangling_removed > 0 => tracing::info!(
-                        orphaned = report.orphaned.len(),
-                        dangling_removed = report.dangling_removed,
-                        "guardian sweep finished"
-                    ),
-                    Ok(_) => tracing::trace!("guardian sweep found nothing stale"),
-                    Err(error) => tracing::warn!(%error, "guardian sweep failed; retrying next interval"),
-                },
+                result = sweep => result,
+            };
+            match result {
+                Ok(report) => {
+                    if failures > 0 {
+                        tracing::info!(failed_before = failures, "guardian sweeps work again");
+                        failures = 0;
+                    }
+                    if !report.orphaned.is_empty() || report.dangling_removed > 0 {
+                        tracing::info!(
+                            orphaned = report.orphaned.len(),
+                            dangling_removed = report.dangling_removed,
+                            "guardian sweep finished"
+                        );
+                    } else {
+                        tracing::trace!("guardian sweep found nothing stale");
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    if worth_logging(failures) {
+                        tracing::warn!(
+                            %error,
+                            repeat = failures,
+                            "guardian sweep failed; retrying next interval"
+                        );
+                    }
+                }
             }
         }
         tracing::info!("guardian stopped");

@@ -5,12 +5,15 @@
 //! `cargo test` builds the demo with the other targets. Run alone, this test
 //! needs `cargo build --example demo` first.
 
+mod example_support;
+
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
+
+use example_support::example_binary;
 
 /// The demo process, killed on drop.
 struct Demo(Child);
@@ -28,24 +31,6 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-/// Returns the path of the demo binary, next to this test's own directory.
-fn demo_binary() -> PathBuf {
-    let test = std::env::current_exe().expect("no path of the test binary");
-    let profile_dir = test
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test binary is not in <target>/<profile>/deps");
-    let demo = profile_dir
-        .join("examples")
-        .join(format!("demo{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        demo.exists(),
-        "{} is missing: run `cargo build --example demo` or the whole `cargo test`",
-        demo.display()
-    );
-    demo
-}
-
 async fn get(client: &reqwest::Client, url: &str) -> (u16, String) {
     let response = client.get(url).send().await.unwrap();
     let status = response.status().as_u16();
@@ -56,7 +41,7 @@ async fn get(client: &reqwest::Client, url: &str) -> (u16, String) {
 async fn demo_runs_on_memory_store() {
     let addr = format!("127.0.0.1:{}", free_port());
     let silent_redis = format!("redis://127.0.0.1:{}", free_port());
-    let mut child = Command::new(demo_binary())
+    let mut child = Command::new(example_binary("demo"))
         .env_remove("REDIS_URL")
         .env_remove("REDIS_CLUSTER_NODES")
         .env("REDIS_PROBE_URL", &silent_redis)
@@ -88,6 +73,10 @@ async fn demo_runs_on_memory_store() {
     assert!(
         first_line.contains(&silent_redis),
         "first log line {first_line:?} does not name the probed address"
+    );
+    assert!(
+        first_line.contains("Connection refused"),
+        "first log line {first_line:?} does not give the probe's error"
     );
 
     let client = reqwest::Client::new();

@@ -13,7 +13,7 @@ use http::HeaderName;
 use serde_json::Value;
 use sse_resilience::SseResilienceLayer;
 
-use cli_support::{Process, run, run_raw};
+use cli_support::{Process, run, run_closing_stdout, run_raw};
 use cluster_support::shared_cluster;
 use common::{TestServer, contains, read_until, redis, unique_prefix};
 use support::{abandon_streams, free_port, wait_for_state};
@@ -129,6 +129,66 @@ async fn list_show_stats_print_streams() {
     );
     assert!(missing.stdout.is_empty());
     drop(inner);
+}
+
+/// Size of the data of the terminal event of `closed_stdout_exits_quietly`:
+/// far above the 64 KiB a Linux pipe buffers, so `streams show` is still
+/// writing when the reader closes the pipe.
+const LARGE_EVENT_BYTES: usize = 512 * 1024;
+
+/// Checks that a command whose stdout reader went away exited with status 0
+/// and without a panic.
+fn assert_quiet_exit(args: &[&str], run: &cli_support::Run) {
+    assert!(!run.stderr.contains("panicked"), "{args:?}: {}", run.stderr);
+    assert!(
+        !run.stderr.contains("Broken pipe"),
+        "{args:?}: {}",
+        run.stderr
+    );
+    assert_eq!(run.code, Some(0), "{args:?}: {run:?}");
+}
+
+#[tokio::test]
+async fn closed_stdout_exits_quietly() {
+    let prefix = unique_prefix("cli_closed_stdout");
+    let layer = SseResilienceLayer::new(redis().await)
+        .key_prefix(&prefix)
+        .without_heartbeats();
+    let server = TestServer::start(layer).await;
+    let response = server.get("/sse?stream_id=big-1").await;
+    let inner = server.scripted.next_stream().await;
+    inner.send(format!(
+        "event: completed\ndata: {}\n\n",
+        "x".repeat(LARGE_EVENT_BYTES)
+    ));
+    drop(inner);
+    response.bytes().await.unwrap();
+    wait_for_state(&prefix, "big-1", "completed").await;
+
+    // The reader takes a few bytes and leaves, as `| head -c 600` does.
+    for args in [
+        &["streams", "show", "big-1"][..],
+        &["streams", "show", "big-1", "--json"],
+    ] {
+        let run = run_closing_stdout(&prefix, args, 600).await;
+        assert_quiet_exit(args, &run);
+        assert_eq!(run.stdout.len(), 600, "{args:?}");
+    }
+
+    // The reader is gone before the first write, in text and in JSON.
+    for args in [
+        &["streams", "list"][..],
+        &["streams", "list", "--json"],
+        &["streams", "show", "big-1"],
+        &["streams", "show", "big-1", "--json"],
+        &["stats"],
+        &["stats", "--json"],
+        &["guardian", "--once"],
+        &["guardian", "--once", "--json"],
+    ] {
+        let run = run_closing_stdout(&prefix, args, 0).await;
+        assert_quiet_exit(args, &run);
+    }
 }
 
 #[tokio::test]

@@ -6,6 +6,8 @@ mod cli_support;
 mod common;
 mod support;
 
+use std::time::Duration;
+
 use cli_support::{Backend, Proxy, run_raw};
 use common::{contains, eventually, keys_under, read_until, redis, stream_field, unique_prefix};
 use support::free_port;
@@ -232,6 +234,57 @@ async fn unreachable_upstream_gives_502() {
     })
     .await;
     assert!(proxy.process.logs().contains("upstream request failed"));
+}
+
+#[tokio::test]
+async fn silent_upstream_gives_504() {
+    let prefix = unique_prefix("proxy_504");
+    // The upstream accepts connections and never sends a byte back.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", silent.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut args = ID_SOURCE.to_vec();
+    args.extend(["--upstream-timeout", "300ms"]);
+    let proxy = Proxy::start(&prefix, &upstream, &args).await;
+    let client = client();
+
+    // The same id twice: the first request's claim must not block the second.
+    for _ in 0..2 {
+        let response = client
+            .get(proxy.url("/stream/hang-1"))
+            .header("accept", "text/event-stream")
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .expect("the proxy sent no response within 60 s");
+
+        assert_eq!(response.status(), 504);
+        assert!(response.headers().get("x-stream-id").is_none());
+        let text = response.text().await.unwrap();
+        assert!(text.contains(&upstream), "{text:?}");
+        assert!(
+            text.contains("no response headers within 300ms"),
+            "{text:?}"
+        );
+        let conn = redis().await;
+        eventually("the claim of hang-1 is released", || {
+            let mut conn = conn.clone();
+            let prefix = prefix.clone();
+            async move { keys_under(&mut conn, &prefix).await.is_empty() }
+        })
+        .await;
+    }
+    let logs = proxy.process.logs();
+    assert!(
+        logs.contains("upstream sent no response headers in time"),
+        "{logs}"
+    );
+    holder.abort();
 }
 
 #[tokio::test]

@@ -5,14 +5,17 @@
 
 use std::{
     fs::File,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     time::Duration,
 };
 
-use crate::{common::redis_url, support::free_port};
+use crate::{
+    common::redis_url,
+    support::{free_port, wait_or_kill},
+};
 
 /// Path of the binary Cargo built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_sse-resilience");
@@ -58,6 +61,62 @@ async fn run_command(mut command: tokio::process::Command) -> Run {
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
+}
+
+/// Runs the binary against the test Redis with `prefix`, then `args`, with
+/// stdout on a pipe whose reader takes the first `read_bytes` bytes and then
+/// closes it, as `| head -c N` does. With `read_bytes` 0 the reader is closed
+/// before the binary starts, so its first write fails. Returns the exit code
+/// and stderr; `stdout` contains the bytes read.
+pub async fn run_closing_stdout(prefix: &str, args: &[&str], read_bytes: usize) -> Run {
+    let mut command = Command::new(BIN);
+    command
+        .args(["--redis", &redis_url(), "--key-prefix", prefix])
+        .args(args)
+        .env_remove("REDIS_CLUSTER_NODES")
+        .env("RUST_BACKTRACE", "0");
+    tokio::task::spawn_blocking(move || {
+        let (reader, writer) = std::io::pipe().expect("failed to create a pipe");
+        let mut reader = if read_bytes == 0 {
+            drop(reader);
+            None
+        } else {
+            Some(reader)
+        };
+        let stderr = std::env::temp_dir().join(format!(
+            "sse-resilience-test-{}.stderr",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let mut child = command
+            .stdout(writer)
+            .stderr(File::create(&stderr).expect("failed to create the stderr file"))
+            .spawn()
+            .expect("failed to start the sse-resilience binary");
+        // The command keeps a copy of the writer: without dropping it, the
+        // pipe would stay open after the child exits.
+        drop(command);
+
+        let mut head = vec![0; read_bytes];
+        if let Some(reader) = reader.as_mut() {
+            reader
+                .read_exact(&mut head)
+                .expect("the command wrote fewer bytes than the test reads");
+        }
+        drop(reader);
+
+        let Some(status) = wait_or_kill(&mut child, Duration::from_secs(60)) else {
+            panic!("the command did not exit within 60 s of its stdout closing");
+        };
+        let stderr_text = std::fs::read_to_string(&stderr).unwrap_or_default();
+        let _ = std::fs::remove_file(&stderr);
+        Run {
+            code: status.code(),
+            stdout: String::from_utf8_lossy(&head).into_owned(),
+            stderr: stderr_text,
+        }
+    })
+    .await
+    .expect("the command runner panicked")
 }
 
 /// A long-running process of the binary (proxy or guardian), killed on drop.

@@ -5,7 +5,7 @@
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::Duration,
 };
 
@@ -28,9 +28,17 @@ impl RedisProcess {
 
     /// Starts a redis-server without persistence on `port`, and waits until it accepts connections.
     pub fn start_on(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+
+    /// Starts a redis-server without persistence on `port` with the extra
+    /// command-line options `args`, such as `["--requirepass", "pw"]`, and
+    /// waits until it accepts connections.
+    pub fn start_with(port: u16, args: &[&str]) -> Self {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -93,6 +101,21 @@ impl Drop for RedisProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Waits for `child` to exit, for at most `limit`. Returns `None`, after
+/// killing it, when it still runs then.
+pub fn wait_or_kill(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let poll = Duration::from_millis(20);
+    for _ in 0..limit.as_millis() / poll.as_millis() {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(poll);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 /// Returns a loopback port that was free a moment ago.

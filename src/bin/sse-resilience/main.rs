@@ -6,10 +6,12 @@
 
 mod operator;
 mod proxy;
+mod redact;
 
 use std::{fmt, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use redact::redact_url;
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClientBuilder,
@@ -248,24 +250,6 @@ fn describe_target(args: &RedisArgs) -> String {
             .map(|node| redact_url(node))
             .collect();
         format!("cluster {}", nodes.join(","))
-    }
-}
-
-/// Replaces the user and password of a URL with `***`, so logs and errors
-/// never show a Redis password.
-pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (Some(scheme), rest),
-        None => (None, url),
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let redacted = match rest[..authority_end].rfind('@') {
-        Some(at) => format!("***{}", &rest[at..]),
-        None => rest.to_owned(),
-    };
-    match scheme {
-        Some(scheme) => format!("{scheme}://{redacted}"),
-        None => redacted,
     }
 }
 

@@ -1,7 +1,11 @@
 //! The operator commands: `guardian`, `streams list`, `streams show` and
 //! `stats`. The reads are in the library's `inspect` module.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{
+    fmt::Write as _,
+    io::{ErrorKind, Write as _},
+    time::Duration,
+};
 
 use clap::{Args, Subcommand, ValueEnum};
 use redis::aio::ConnectionLike;
@@ -135,11 +139,10 @@ pub async fn guardian(args: GuardianArgs, redis: Redis) -> Result<(), CliError> 
         .await
         .map_err(|error| read_failed("the guardian sweep", &error, &redis))?;
     if args.json {
-        print_json(&sweep_json(&report));
+        print_json(&sweep_json(&report))
     } else {
-        print!("{}", sweep_text(&report));
+        print_text(&sweep_text(&report))
     }
-    Ok(())
 }
 
 /// Runs `streams list` or `streams show`.
@@ -166,9 +169,9 @@ where
                 .collect();
             if args.read.json {
                 let list = streams.iter().map(StreamSummary::to_json).collect();
-                print_json(&serde_json::Value::Array(list));
+                print_json(&serde_json::Value::Array(list))
             } else {
-                print!("{}", list_text(&streams));
+                print_text(&list_text(&streams))
             }
         }
         StreamsCommand::Show(args) => {
@@ -185,13 +188,12 @@ where
                 )));
             };
             if args.read.json {
-                print_json(&details.to_json());
+                print_json(&details.to_json())
             } else {
-                print!("{}", show_text(&details));
+                print_text(&show_text(&details))
             }
         }
     }
-    Ok(())
 }
 
 /// Runs `stats`.
@@ -199,8 +201,7 @@ pub async fn stats(args: StatsArgs, redis: Redis) -> Result<(), CliError> {
     let stats = with_connection!(redis.connection.clone(), conn => inspector(conn, &redis, &args.read).stats().await)
         .map_err(|error| read_failed("counting streams", &error, &redis))?;
     if args.read.json {
-        print_json(&stats.to_json());
-        return Ok(());
+        return print_json(&stats.to_json());
     }
     let mut text = String::new();
     for (name, count) in [
@@ -214,8 +215,7 @@ pub async fn stats(args: StatsArgs, redis: Redis) -> Result<(), CliError> {
     ] {
         let _ = writeln!(text, "{name:<14}{count}");
     }
-    print!("{text}");
-    Ok(())
+    print_text(&text)
 }
 
 fn inspector<C>(conn: C, redis: &Redis, args: &ReadArgs) -> Inspector<C>
@@ -248,9 +248,27 @@ fn parse_stream_id(id: &str) -> Result<String, String> {
     Ok(id.to_owned())
 }
 
-fn print_json(value: &serde_json::Value) {
-    let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
-    println!("{text}");
+fn print_json(value: &serde_json::Value) -> Result<(), CliError> {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    text.push('\n');
+    print_text(&text)
+}
+
+/// Writes the output to stdout. A reader that closed the pipe early, as
+/// `| head` does, is no failure: the rest of the output is dropped and the
+/// command exits with status 0.
+fn print_text(text: &str) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == ErrorKind::BrokenPipe => Ok(()),
+        Err(error) => Err(CliError::new(format!(
+            "writing the output to stdout failed: {error}"
+        ))),
+    }
 }
 
 fn sweep_json(report: &SweepReport) -> serde_json::Value {

@@ -55,6 +55,12 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
     upstream_connect_timeout: Duration,
 
+    /// Time the upstream has to send its response headers, counted from the
+    /// start of the request (connection and request body included). Past
+    /// it the client gets 504.
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    upstream_timeout: Duration,
+
     /// The location of a request's stream id: query:NAME (a query parameter),
     /// path:PREFIX (the path segment after PREFIX; other paths are not
     /// streams) or header:NAME.
@@ -220,6 +226,7 @@ pub async fn run(args: ProxyArgs, redis: Redis) -> Result<(), CliError> {
         let forward = Forward {
             client: client.clone(),
             upstream: args.upstream.clone(),
+            upstream_timeout: args.upstream_timeout,
             peer,
         };
         let service = TowerToHyperService::new(layer.layer(forward));
@@ -396,6 +403,8 @@ type ProxyBody = Either<Incoming, Full<Bytes>>;
 struct Forward {
     client: Client<HttpConnector, Incoming>,
     upstream: Upstream,
+    /// Time the upstream has to send its response headers.
+    upstream_timeout: Duration,
     /// Address of the client connection, for `X-Forwarded-For`.
     peer: SocketAddr,
 }
@@ -443,10 +452,29 @@ impl Forward {
         if let Ok(host) = HeaderValue::from_str(self.upstream.authority.as_str()) {
             parts.headers.insert(header::HOST, host);
         }
+        let path = uri.path().to_owned();
         parts.uri = uri;
         parts.version = Version::HTTP_11;
 
-        match self.client.request(Request::from_parts(parts, body)).await {
+        let request = self.client.request(Request::from_parts(parts, body));
+        let Ok(result) = tokio::time::timeout(self.upstream_timeout, request).await else {
+            // Dropping the request closes its upstream connection. The layer
+            // releases the stream's claim, since this is no event stream.
+            tracing::warn!(
+                upstream = %self.upstream,
+                %path,
+                timeout = ?self.upstream_timeout,
+                "upstream sent no response headers in time"
+            );
+            return Ok(plain(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!(
+                    "gateway timeout: the upstream {} sent no response headers within {:?}",
+                    self.upstream, self.upstream_timeout
+                ),
+            ));
+        };
+        match result {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
@@ -582,6 +610,7 @@ mod tests {
         assert_eq!(args.drain_timeout, sse_resilience::DEFAULT_DRAIN_TIMEOUT);
         assert_eq!(args.shutdown_retry, sse_resilience::DEFAULT_SHUTDOWN_RETRY);
         assert_eq!(args.sweep_interval, sse_resilience::DEFAULT_SWEEP_INTERVAL);
+        assert_eq!(args.upstream_timeout, Duration::from_secs(30));
     }
 
     #[test]
