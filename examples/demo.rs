@@ -252,11 +252,23 @@ async fn demo_owner(
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let user = request
+    let user = match request
         .headers()
         .get("x-user-id")
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_owned);
+        .map(|value| value.to_str())
+    {
+        None => None,
+        Some(Ok(user)) => Some(user.to_owned()),
+        // Unreadable is rejected, never taken as "no owner": that would start
+        // a stream anyone can read.
+        Some(Err(_)) => {
+            return (
+                axum::http::StatusCode::BAD_REQUEST,
+                "invalid x-user-id: use visible ASCII",
+            )
+                .into_response();
+        }
+    };
     if let Some(user) = user {
         request.extensions_mut().insert(StreamOwner(user));
     }
