@@ -72,7 +72,17 @@ async fn inner_service_sees_stream_id() {
         server.get("/s/given-1").await.text().await.unwrap(),
         "given-1"
     );
-    let generated = server.get("/s/").await.text().await.unwrap();
+    // Only a request that asks for an event stream gets a generated id.
+    let generated = server
+        .client
+        .get(server.url("/s/"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(generated.len(), 32);
     assert!(generated.bytes().all(|b| b.is_ascii_hexdigit()));
 }
