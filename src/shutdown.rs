@@ -56,7 +56,10 @@ pub struct ShutdownReport {
     /// (responses served from an event log) are not counted; they get the
     /// retry hint and end at once.
     pub live_at_start: usize,
-    /// Of those, streams that ended on their own during the grace period.
+    /// Of those, streams that ended on their own during the grace period:
+    /// with a terminal event, with an error of their own, or with their claim
+    /// released because no event-stream response came (the inner service
+    /// answered otherwise, or its request was dropped).
     pub finished: usize,
     /// Streams the layer ended as failed with reason `shutdown` after the grace
     /// period. Their records are written with retries; see `unrecorded`.

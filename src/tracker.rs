@@ -461,7 +461,7 @@ async fn drain<B>(
     B::Error: std::fmt::Display,
 {
     let stream_id = tracker.stream_id().to_owned();
-    tracing::info!(stream_id = %stream_id, timeout_ms = timeout.as_millis() as u64, "client went away; draining the stream");
+    tracing::info!(stream_id = %stream_id, timeout_ms = timeout.as_millis() as u64, "response closed before the stream ended (client gone or shutdown); draining the stream");
 
     let drain_deadline = Instant::now()
         .checked_add(timeout)
