@@ -69,6 +69,22 @@ async fn read_to_end(response: &mut reqwest::Response) -> Vec<u8> {
     read_until(response, |_| false).await
 }
 
+/// Sends the terminal event on each open stream (opened for `ids`, in order),
+/// reads each response to its end and waits until Redis records it completed.
+async fn complete_all(
+    conn: &ClusterConnection,
+    prefix: &str,
+    ids: &[String],
+    open_streams: Vec<(reqwest::Response, common::ScriptedStream)>,
+) {
+    for (id, (mut response, stream)) in ids.iter().zip(open_streams) {
+        stream.send(COMPLETED);
+        drop(stream);
+        read_to_end(&mut response).await;
+        wait_for_state(conn, prefix, id, "completed").await;
+    }
+}
+
 async fn get_with(server: &TestServer, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
     let mut request = server.client.get(server.url(path));
     for (name, value) in headers {
@@ -550,12 +566,7 @@ async fn script_flush_recovers_on_every_master() {
     }
 
     // The complete and open scripts load again on their stream's master.
-    for (i, (mut response, stream)) in open_streams.into_iter().enumerate() {
-        stream.send(COMPLETED);
-        drop(stream);
-        read_to_end(&mut response).await;
-        wait_for_state(&conn, &prefix, &ids[i], "completed").await;
-    }
+    complete_all(&conn, &prefix, &ids, open_streams).await;
     let (_response, _stream) = open_with_token(&server, "n-after").await;
     assert_eq!(
         field(&mut conn, &prefix, "n-after", "state")
@@ -615,12 +626,7 @@ async fn failover_keeps_streams_fresh() {
         )
         .await;
     }
-    for (i, (mut response, stream)) in open_streams.into_iter().enumerate() {
-        stream.send(COMPLETED);
-        drop(stream);
-        read_to_end(&mut response).await;
-        wait_for_state(&conn, &prefix, &ids[i], "completed").await;
-    }
+    complete_all(&conn, &prefix, &ids, open_streams).await;
     let (_response, _stream) = open_with_token(&server, "f-after").await;
     assert_eq!(
         field(&mut conn, &prefix, "f-after", "state")
@@ -693,12 +699,7 @@ async fn slot_migration_keeps_streams_fresh() {
         })
         .await;
     }
-    for (i, (mut response, stream)) in open_streams.into_iter().enumerate() {
-        stream.send(COMPLETED);
-        drop(stream);
-        read_to_end(&mut response).await;
-        wait_for_state(&conn, &prefix, &ids[i], "completed").await;
-    }
+    complete_all(&conn, &prefix, &ids, open_streams).await;
     assert_eq!(
         field(&mut conn, &prefix, "m0", "terminal_id")
             .await
