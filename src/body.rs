@@ -417,7 +417,7 @@ where
             .count();
         if held + matched == BOM.len() {
             self.bom_held = 0;
-            // The parser still sees the mark, so that it counts it as the
+            // The parser still receives the mark, so that it counts it as the
             // stream's one leading mark and a second one as content.
             if let Some(tracker) = self.tracker.as_mut() {
                 tracker.observe(&Bytes::from_static(BOM));

@@ -81,7 +81,7 @@ where
         let (mut parts, body) = request.into_parts();
 
         // Streams are opened by GET (EventSource) and POST (APIs that stream
-        // their answer). A HEAD request has no body to stream, and claiming it
+        // their response). A HEAD request has no body to stream, and claiming it
         // would drain a whole run that no client reads; DELETE, PUT and the
         // rest belong to the app.
         let lookup = if matches!(parts.method, Method::GET | Method::POST) {
@@ -95,7 +95,7 @@ where
                     self.inner.call(Request::from_parts(parts, body)),
                 );
             }
-            // Without an id, only a request that asks for an event stream gets
+            // Without an id, only a request that accepts an event stream gets
             // one: other requests (JSON calls, pages) never touch the store.
             IdLookup::Missing if !accepts_event_stream(&parts.headers) => {
                 return ResponseFuture::passthrough(

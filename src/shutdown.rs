@@ -59,7 +59,7 @@ pub struct ShutdownReport {
     /// Of those, streams that ended on their own during the grace period:
     /// with a terminal event, with an error of their own, or with their claim
     /// released because no event-stream response came (the inner service
-    /// answered otherwise, or its request was dropped).
+    /// returned another content type, or its request was dropped).
     pub finished: usize,
     /// Streams the layer ended as failed with reason `shutdown` after the grace
     /// period. Their records are written with retries; see `unrecorded`.

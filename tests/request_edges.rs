@@ -72,7 +72,7 @@ async fn inner_service_sees_stream_id() {
         server.get("/s/given-1").await.text().await.unwrap(),
         "given-1"
     );
-    // Only a request that asks for an event stream gets a generated id.
+    // Only a request that accepts an event stream gets a generated id.
     let generated = server
         .client
         .get(server.url("/s/"))
